@@ -1,0 +1,1 @@
+"""Data layer: on-disk format readers, WebDataset shards, streaming pipelines, transforms, tokenizer."""
