@@ -20,17 +20,39 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from every rank along dim 0; the gradient reaches only this rank's slice.
+class _GatherLocalGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        world, rank = get_world_size(), get_rank()
+        gathered = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(gathered, x.contiguous())
+        ctx.rank, ctx.world, ctx.rows = rank, world, x.shape[0]
+        return torch.cat(gathered, dim=0)
 
-    Rows from other ranks are constants here. Because every rank computes the same global loss, the
-    sum over ranks of the local-slice gradients equals the gradient of the single-process loss, which
-    the data-parallel gradient averaging then reproduces (the loss is scaled by the world size).
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        start = ctx.rank * ctx.rows
+        return grad[start:start + ctx.rows] * ctx.world
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (same shape on every rank) from all ranks along dim 0, for a loss every rank computes
+    identically over the gathered rows.
+
+    Backward returns this rank's slice of the gradient times the world size: summed over ranks that is the
+    full gradient, so after data-parallel gradient averaging every rank holds exactly the gradient of the
+    single-process loss over the global batch, with no communication in backward.
     """
-    world = get_world_size()
-    if world == 1:
+    if get_world_size() == 1:
         return x
-    gathered = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(gathered, x.detach().contiguous())
-    gathered[get_rank()] = x
+    return _GatherLocalGrad.apply(x)
+
+
+@torch.no_grad()
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from all ranks along dim 0, without gradient."""
+    if get_world_size() == 1:
+        return x
+    gathered = [torch.empty_like(x) for _ in range(get_world_size())]
+    dist.all_gather(gathered, x.contiguous())
     return torch.cat(gathered, dim=0)

@@ -10,6 +10,7 @@ TOKENIZER_DIR = Path(__file__).parent / "assets" / "bert-base-uncased"
 
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 100, 101, 102, 103
 VOCAB_SIZE = 30522
+FIRST_WORD_ID = 999  # ids below are [PAD], [unusedK], [UNK], [CLS], [SEP], [MASK]; 999 is '!'
 
 
 def unused_token_id(k: int) -> int:

@@ -1,0 +1,91 @@
+"""The mPLUG model: CLIP ViT + BERT text encoder + skip-connected fusion + prefix-LM decoder + heads."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mplug_ds.models.config import ModelConfig, load_model_config
+from mplug_ds.models.decoder import PrefixLMDecoder
+from mplug_ds.models.fusion import FusionEncoder
+from mplug_ds.models.text import LMHead, TextEncoder, init_bert_weights
+from mplug_ds.models.vision import VisionEncoder
+
+TEMP_RANGE = (0.001, 0.5)
+
+
+class MPLUG(nn.Module):
+    """All mPLUG parts; objectives and task heads call its encode/fuse methods.
+
+    ``teacher=True`` builds only what a momentum teacher needs (no decoder, ITM head or temperature).
+    Parameter names: ``visual.*`` (the ViT; its own learning rate), ``visn_fc``/``visn_norm`` (ViT-L → text width,
+    only when the widths differ), ``text_encoder.*``, ``fusion.*``, ``decoder.*``, ``mlm_head.*``,
+    ``vision_proj``/``text_proj`` (to the contrastive space), ``itm_head``, ``temp``.
+    """
+
+    def __init__(self, cfg: ModelConfig, teacher: bool = False) -> None:
+        super().__init__()
+        self.cfg = cfg
+        t, backend, ckpt = cfg.text, cfg.attn_backend, cfg.grad_checkpointing
+        self.visual = VisionEncoder(cfg.vision, backend, ckpt)
+        if cfg.vision.width != t.hidden_size:
+            self.visn_fc = nn.Linear(cfg.vision.width, t.hidden_size)
+            self.visn_norm = nn.LayerNorm(t.hidden_size, eps=t.layer_norm_eps)
+            self.visn_dropout = nn.Dropout(t.hidden_dropout)
+        else:
+            self.visn_fc = None
+        self.text_encoder = TextEncoder(t, cfg.text_encoder_layers, backend)
+        self.fusion = FusionEncoder(t, cfg.fusion_layers, cfg.fusion_stride, cfg.fusion_schedule, backend, ckpt)
+        self.mlm_head = LMHead(t)
+        self.vision_proj = nn.Linear(t.hidden_size, cfg.embed_dim)
+        self.text_proj = nn.Linear(t.hidden_size, cfg.embed_dim)
+        init_bert_weights(nn.ModuleList([self.text_encoder, self.fusion, self.mlm_head]), t.initializer_range)
+        if not teacher:
+            self.decoder = PrefixLMDecoder(t, cfg.decoder_layers, backend, ckpt)
+            init_bert_weights(self.decoder, t.initializer_range)
+            self.itm_head = nn.Linear(t.hidden_size, 2)
+            self.temp = nn.Parameter(torch.tensor(cfg.temp))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vision_proj.weight.dtype
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Image tokens ``(B, 1 + patches, H)`` at the text width (token 0 = CLS)."""
+        x = self.visual(images)
+        if self.visn_fc is not None:
+            x = self.visn_dropout(self.visn_norm(self.visn_fc(x)))
+        return x
+
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Unimodal text states ``(B, L, H)``."""
+        return self.text_encoder(ids, mask)
+
+    def fuse(self, image: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Skip-connected fusion → ``(image_out, text_out)``."""
+        return self.fusion(image, text, text_mask)
+
+    @staticmethod
+    def memory(image_out: torch.Tensor, text_out: torch.Tensor, text_mask: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder memory ``[image_out; text_out]`` and its mask (all image tokens visible)."""
+        ones = text_mask.new_ones(text_mask.shape[0], image_out.shape[1])
+        return torch.cat([image_out, text_out], dim=1), torch.cat([ones, text_mask], dim=1)
+
+    def image_feature(self, image: torch.Tensor) -> torch.Tensor:
+        """L2-normalised contrastive feature of the image CLS token ``(B, E)``."""
+        return F.normalize(self.vision_proj(image[:, 0]).float(), dim=-1)
+
+    def text_feature(self, text: torch.Tensor) -> torch.Tensor:
+        """L2-normalised contrastive feature of the text CLS token ``(B, E)``."""
+        return F.normalize(self.text_proj(text[:, 0]).float(), dim=-1)
+
+    def temperature(self) -> torch.Tensor:
+        """The learnable contrastive temperature, clamped to [0.001, 0.5]."""
+        return self.temp.float().clamp(*TEMP_RANGE)
+
+
+def build_model(cfg: ModelConfig | str) -> MPLUG:
+    """Build an mPLUG model from a config or a config name (``mplug.en.base``, ``tiny`` …)."""
+    return MPLUG(load_model_config(cfg) if isinstance(cfg, str) else cfg)

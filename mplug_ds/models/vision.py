@@ -1,0 +1,89 @@
+"""CLIP ViT image tower (OpenAI layout) on timm's VisionTransformer.
+
+timm supplies the modules and OpenAI/open_clip weight conversion. We keep our own forward loop over its blocks
+for two things timm's forward does not offer: a hidden-state tap after block k (the TiMix patch predictor) and
+per-block activation checkpointing through ``run_block``. Attention goes through ``mplug_ds.models.attention``.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from timm.layers import LayerNorm, resample_abs_pos_embed
+from timm.layers.attention import Attention as TimmAttention
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from torch import nn
+
+from mplug_ds.models.attention import attention
+from mplug_ds.models.checkpointing import run_block
+from mplug_ds.models.config import VisionConfig
+
+
+class ClipAttention(TimmAttention):
+    """timm's fused-qkv attention, computed by the project's attention function (``backend`` set per subclass)."""
+
+    backend = "sdpa"
+
+    @classmethod
+    def with_backend(cls, backend: str) -> type["ClipAttention"]:
+        """The subclass timm instantiates for one attention backend (timm takes a class, not a partial)."""
+        return type(f"ClipAttention_{backend}", (cls,), {"backend": backend})
+
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        drop = self.attn_drop.p if self.training else 0.0
+        x = attention(q, k, v, dropout_p=drop, backend=self.backend)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
+
+
+class VisionEncoder(nn.Module):
+    """Images ``(B, 3, R, R)`` → all tokens after ``ln_post`` ``(B, 1 + (R/P)², W)``; no projection."""
+
+    def __init__(self, cfg: VisionConfig, attn_backend: str = "sdpa", grad_checkpointing: bool = False) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.grad_checkpointing = grad_checkpointing
+        self.vit = VisionTransformer(
+            img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.layers,
+            num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, pre_norm=True, num_classes=0, global_pool="",
+            norm_layer=partial(LayerNorm, eps=cfg.layer_norm_eps), act_layer="quick_gelu",
+            attn_drop_rate=cfg.attn_dropout, attn_layer=ClipAttention.with_backend(attn_backend),
+        )
+
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens per image (without the class token)."""
+        return (self.cfg.image_size // self.cfg.patch_size) ** 2
+
+    def forward(self, images: torch.Tensor, tap_layer: int | None = None):
+        """Encode images; with ``tap_layer=k`` also return the hidden states after block k (0-based)."""
+        vit = self.vit
+        x = vit.norm_pre(vit._pos_embed(vit.patch_embed(images.to(vit.pos_embed.dtype))))
+        tapped = None
+        for i, block in enumerate(vit.blocks):
+            x = run_block(block, x, enabled=self.grad_checkpointing)
+            if i == tap_layer:
+                tapped = x
+        x = vit.norm(x)
+        return (x, tapped) if tap_layer is not None else x
+
+
+def convert_clip_state_dict(state_dict: dict[str, torch.Tensor], encoder: VisionEncoder) -> dict[str, torch.Tensor]:
+    """Map an OpenAI-CLIP / open_clip state dict (``visual.*`` keys, or a bare visual tower) onto ``encoder.vit``.
+
+    The positional embedding is resized to the encoder's grid with 2-D bilinear interpolation, class row kept
+    (the mPLUG convention). The CLIP text tower and the ``proj`` matrix are dropped.
+    """
+    if not any(k.startswith("visual.") for k in state_dict):
+        state_dict = {f"visual.{k}": v for k, v in state_dict.items()}
+    converted = checkpoint_filter_fn(state_dict, encoder.vit, interpolation="bilinear", antialias=False,
+                                     align_corners=False)
+    return {k: v for k, v in converted.items() if not k.startswith("head.")}
+
+
+def resize_pos_embed(pos: torch.Tensor, grid: int) -> torch.Tensor:
+    """Resize a ``(1, 1 + g², W)`` ViT positional embedding to ``grid × grid`` (bilinear, class row kept)."""
+    old = int(round((pos.shape[1] - 1) ** 0.5))
+    return resample_abs_pos_embed(pos, new_size=[grid, grid], old_size=[old, old], num_prefix_tokens=1,
+                                  interpolation="bilinear", antialias=False)
