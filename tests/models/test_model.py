@@ -1,0 +1,68 @@
+"""Model structure: fusion schedules, KV-cached decoding, parameter counts of the named sizes."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mplug_ds.config import ConfigError
+from mplug_ds.data.tokenizer import CLS_ID, SEP_ID
+from mplug_ds.models.config import load_model_config
+from mplug_ds.models.fusion import FusionEncoder, connected_layers
+from mplug_ds.models.generation import greedy_decode
+from mplug_ds.models.mplug import build_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_official_schedule_matches_released_checkpoints_and_paper_schedule_repeats():
+    assert connected_layers(6, 3, "official") == [False, False, False, True, False, False]  # base
+    assert connected_layers(6, 6, "official") == [False] * 6  # large: no connected layer runs
+    assert connected_layers(6, 2, "official") == [False, False, True, False, True, False]
+    assert connected_layers(6, 2, "paper") == [False, False, True, False, False, True]
+
+
+def test_image_stream_changes_only_through_connected_layers():
+    cfg = load_model_config("tiny", ["text.hidden_dropout=0", "text.attn_dropout=0"]).text
+    torch.manual_seed(0)
+    image, text, mask = torch.randn(2, 5, 64), torch.randn(2, 4, 64), torch.ones(2, 4, dtype=torch.long)
+    co_only = FusionEncoder(cfg, num_layers=3, stride=6, schedule="official").eval()
+    out_image, _ = co_only(image, text, mask)
+    assert torch.equal(out_image, image)
+    assert all(layer.crossattention is not None for layer in co_only.encoder.layer)
+    skip = FusionEncoder(cfg, num_layers=4, stride=3, schedule="official").eval()
+    assert skip.encoder.layer[3].crossattention is None  # a connected layer builds no dead cross-attention
+    out_image, _ = skip(image, text, mask)
+    assert not torch.allclose(out_image, image)
+
+
+def test_kv_cached_greedy_decoding_equals_full_recomputation():
+    torch.manual_seed(0)
+    model = build_model("tiny").eval()
+    memory = torch.randn(3, 9, 64)
+    memory_mask = torch.ones(3, 9, dtype=torch.long)
+    memory_mask[1, 6:] = 0
+    prompt = torch.full((3, 1), CLS_ID)
+    cached = greedy_decode(model.decoder, memory, memory_mask, prompt, 12, SEP_ID, use_cache=True)
+    full = greedy_decode(model.decoder, memory, memory_mask, prompt, 12, SEP_ID, use_cache=False)
+    assert cached.shape[1] > 2
+    assert torch.equal(cached, full)
+
+
+def test_unknown_model_key_is_rejected_with_its_name():
+    with pytest.raises(ConfigError, match="fusion_strid"):
+        load_model_config("tiny", ["fusion_strid=3"])
+
+
+@pytest.mark.parametrize("name,target,tolerance", [
+    ("mplug.en.base", 350e6, 0.07), ("mplug.en.large", 600e6, 0.07), ("mplug.en.large.v2", 600e6, 0.07),
+    ("mplug.en.huge", 1.1e9, 0.12)])
+def test_model_info_totals_are_within_tolerance_of_published_sizes(name, target, tolerance):
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "model_info.py"), "--model", name, "--json"],
+                         check=True, capture_output=True, text=True).stdout
+    report = json.loads(out)
+    assert abs(report["total"] - target) <= tolerance * target, report["total"]
+    assert report["total"] == sum(report["modules"].values())
+    assert report["momentum_teacher"] > 0
