@@ -1,0 +1,138 @@
+"""Steady-state throughput of the pre-training step on the real DeepSpeed engine.
+
+    python tools/benchmark.py --model tiny --steps 5
+    python tools/benchmark.py --model mplug.en.base --zero 2 --batch 64 --steps 20 --precision bf16 \
+        --attn sdpa --baseline-attn eager
+    deepspeed --num_gpus 8 tools/benchmark.py --model mplug.en.large --zero 3 --batch 32 --steps 20
+
+Prints samples/s, step time, achieved TFLOP/s and MFU (FLOPs counted analytically from the config, see
+mplug_ds/engine/flops.py), and peak memory. ``--baseline-attn`` measures a second attention backend in the same
+run and prints the ratio. Batches are synthetic and resident on the device, so data loading is not measured
+(tools/benchmark_data.py measures the loader).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import torch
+
+from mplug_ds.engine.flops import TextLengths, device_peak_tflops, pretrain_flops_per_sample
+from mplug_ds.engine.launch_env import prepare_world_env
+from mplug_ds.engine.logging import peak_memory_gb
+from mplug_ds.engine.master_weights import master_weight_source
+from mplug_ds.engine.train_config import load_train_config
+from mplug_ds.engine.validate import validate
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="model config name or YAML path")
+    parser.add_argument("--zero", type=int, default=2, choices=(1, 2, 3), help="ZeRO stage")
+    parser.add_argument("--offload", action="store_true", help="ZeRO-3 with CPU offload (zero3_offload.json)")
+    parser.add_argument("--batch", type=int, default=8, help="micro-batch per device")
+    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    parser.add_argument("--attn", default="sdpa", help="attention backend: sdpa | flash_attn | eager")
+    parser.add_argument("--baseline-attn", default=None, help="also measure this backend and print the ratio")
+    parser.add_argument("--precision", default=None, choices=("bf16", "fp16", "fp32"),
+                        help="default: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    parser.add_argument("--text-len", type=int, default=30, help="caption tokens (padded length)")
+    parser.add_argument("--json", action="store_true", help="print one JSON line per measurement")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def measure(args: argparse.Namespace, attn: str, world) -> dict:
+    """Build the engine for one configuration and time ``args.steps`` optimizer steps."""
+    from mplug_ds.engine.trainer import Trainer
+
+    precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
+    ds = "zero3_offload" if args.offload else f"zero{args.zero}"
+    cfg = load_train_config("synthetic_tiny", [
+        f"model.name={args.model}", f"model.overrides.attn_backend={attn}",
+        f"model.overrides.grad_checkpointing={str(args.grad_checkpointing).lower()}",
+        f"batch.micro_batch_per_gpu={args.batch}", "batch.grad_accum_steps=1", f"deepspeed.config={ds}",
+        f"deepspeed.precision={precision}", f"data.max_text_len={args.text_len}", "logging.report_to=[none]"])
+    resolved = validate(cfg, world.world_size)
+    trainer = Trainer(cfg, resolved, world)
+    engine, teacher = trainer.engine, trainer.teacher
+    batch = {k: v.to(engine.device) for k, v in next(iter(trainer.stream)).items()}
+    alpha = resolved.objective.alpha
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+
+    def step() -> None:
+        out = engine(batch, alpha=alpha)
+        engine.backward(out["loss"])
+        engine.step()
+        if teacher is not None:
+            teacher.update(master_weight_source())
+
+    for _ in range(args.warmup):
+        step()
+    sync()
+    if engine.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(engine.device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync()
+    elapsed = time.perf_counter() - start
+
+    lengths = TextLengths(text=batch["text_ids"].shape[1], prefix=batch["prefix_ids"].shape[1],
+                          target=batch["target_ids"].shape[1])
+    flops = pretrain_flops_per_sample(resolved.model, lengths, distill=teacher is not None,
+                                      mlm_probability=resolved.objective.mlm_probability)
+    samples_per_s = args.batch * world.world_size * args.steps / elapsed
+    tflops_per_device = flops * samples_per_s / world.world_size / 1e12
+    device_name = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"
+    peak = device_peak_tflops(device_name) if engine.device.type == "cuda" else None
+    result = {
+        "model": args.model, "attn": attn, "zero": 3 if args.offload else args.zero, "offload": args.offload,
+        "precision": precision, "grad_checkpointing": args.grad_checkpointing, "batch_per_device": args.batch,
+        "world_size": world.world_size, "device": device_name, "steps": args.steps,
+        "step_time_s": elapsed / args.steps, "samples_per_s": samples_per_s,
+        "gflop_per_sample": flops / 1e9, "tflops_per_device": tflops_per_device,
+        "mfu": tflops_per_device / peak if peak else None, "peak_memory_gb": peak_memory_gb(engine.device),
+    }
+    engine.destroy()
+    del trainer, engine, teacher, batch
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+def report(result: dict, as_json: bool) -> str:
+    """One human-readable (or JSON) line for a measurement."""
+    if as_json:
+        return json.dumps(result)
+    mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a (no known peak for this device)"
+    return (f"{result['model']} attn={result['attn']} zero={result['zero']} {result['precision']} "
+            f"batch={result['batch_per_device']}x{result['world_size']} on {result['device']}: "
+            f"{result['samples_per_s']:.2f} samples/s, {1000 * result['step_time_s']:.1f} ms/step, "
+            f"{result['tflops_per_device']:.3f} TFLOP/s per device, MFU {mfu}, "
+            f"peak memory {result['peak_memory_gb']:.2f} GiB ({result['gflop_per_sample']:.1f} GFLOP/sample)")
+
+
+def main() -> None:
+    args = parse_args()
+    world = prepare_world_env()
+    results = [measure(args, args.attn, world)]
+    if args.baseline_attn:
+        results.append(measure(args, args.baseline_attn, world))
+    if world.rank != 0:
+        return
+    for result in results:
+        print(report(result, args.json), flush=True)
+    if len(results) == 2:
+        ratio = results[0]["samples_per_s"] / results[1]["samples_per_s"]
+        memory = results[0]["peak_memory_gb"] / max(results[1]["peak_memory_gb"], 1e-9)
+        print(f"{args.attn} vs {args.baseline_attn}: {ratio:.2f}x samples/s, {memory:.2f}x peak memory", flush=True)
+
+
+if __name__ == "__main__":
+    main()
