@@ -6,6 +6,7 @@ tar is skipped, logged, counted and named in a ``DataErrors`` object.
 """
 from __future__ import annotations
 
+import glob
 import io
 import itertools
 import json
@@ -102,10 +103,12 @@ class DataErrors:
 # Reading shards
 # --------------------------------------------------------------------------------------------------
 def expand_urls(urls: str | Iterable[str]) -> list[str]:
-    """Brace-expand a shard pattern (``::`` joins several patterns) or flatten a list of patterns."""
-    if isinstance(urls, str):
-        return wds.shardlists.expand_urls(urls)
-    return [url for item in urls for url in wds.shardlists.expand_urls(item)]
+    """Expand shard patterns: braces (``{000..009}``), ``::``-joined patterns, or shell globs of local files."""
+    patterns = [urls] if isinstance(urls, str) else list(urls)
+    expanded = []
+    for url in (u for pattern in patterns for u in wds.shardlists.expand_urls(pattern)):
+        expanded.extend(sorted(glob.glob(url)) if glob.has_magic(url) else [url])
+    return expanded
 
 
 class _EndTrackingReader:

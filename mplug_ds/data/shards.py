@@ -298,8 +298,9 @@ class _Progress:
             return
         self.last = now
         rate = self.images / max(now - self.start, 1e-9)
-        print(f"\r{shard}: {self.images} images loaded, {rate:.1f} images/s, {skipped} skipped",
-              end="\n" if final else "", file=sys.stderr, flush=True)
+        tty = sys.stderr.isatty()  # redraw one line on a terminal, one line per update in a log file
+        print(f"{chr(13) if tty else ''}{shard}: {self.images} images loaded, {rate:.1f} images/s, "
+              f"{skipped} skipped", end="\n" if final or not tty else "", file=sys.stderr, flush=True)
 
 
 def write_shards(items: Iterable[Sample | Skip], options: ShardOptions) -> dict[str, Any]:
