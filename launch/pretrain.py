@@ -1,0 +1,14 @@
+"""Pre-train mPLUG on DeepSpeed.
+
+    deepspeed [--hostfile hostfile] [--num_gpus N] launch/pretrain.py [--config demo|base|large|FILE] [key=value ...]
+    torchrun --nproc_per_node N launch/pretrain.py ...
+    python launch/pretrain.py                       # the CPU demo: tiny model on the built-in demo data
+
+See docs/multi_node.md for multi-node runs and mplug_ds/configs/pretrain/*.yaml for every option.
+"""
+import sys
+
+from mplug_ds.engine.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

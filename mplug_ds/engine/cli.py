@@ -1,0 +1,99 @@
+"""Command line of ``launch/pretrain.py``: arguments → validated ``TrainConfig`` → ``Trainer`` → summary."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import TYPE_CHECKING, Sequence
+
+from mplug_ds.config import ConfigError
+from mplug_ds.engine.launch_env import WorldInfo, prepare_world_env
+from mplug_ds.engine.train_config import TrainConfig, load_train_config
+from mplug_ds.engine.validate import ResolvedRun, validate
+
+if TYPE_CHECKING:
+    from mplug_ds.engine.trainer import RunSummary
+
+EXIT_CONFIG_ERROR = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments shared by every launcher (deepspeed, torchrun, srun, plain python)."""
+    parser = argparse.ArgumentParser(
+        description="mPLUG pre-training on DeepSpeed. With no arguments: the CPU demo (tiny model, demo data).",
+        epilog="Any other argument is a key=value override of the YAML, e.g. batch.micro_batch_per_gpu=32 "
+               "deepspeed.config=zero3 schedule.total_steps=20000")
+    parser.add_argument("--config", default="demo", help="pre-training config: a name under "
+                        "mplug_ds/configs/pretrain (demo, base, large) or a YAML path (default: demo)")
+    parser.add_argument("--output-dir", "--output_dir", dest="output_dir", help="overrides run.output_dir")
+    parser.add_argument("--resume", help="'auto' (newest complete checkpoint, else start fresh), a checkpoint "
+                        "path, or 'none'")
+    parser.add_argument("--report-to", "--report_to", dest="report_to",
+                        help="comma-separated: wandb,tensorboard,none (overrides logging.report_to)")
+    parser.add_argument("--deepspeed_config", "--ds-config", dest="deepspeed_config",
+                        help="DeepSpeed JSON template (name in ds_configs/ or path); overrides deepspeed.config")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help="set by the deepspeed launcher (LOCAL_RANK is read from the environment)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the YAML config")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Load the YAML and apply the flags and ``key=value`` overrides."""
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"run.output_dir={args.output_dir}")
+    if args.resume:
+        overrides.append(f"run.resume={args.resume}")
+    if args.report_to:
+        overrides.append(f"logging.report_to=[{args.report_to}]")
+    if args.deepspeed_config:
+        overrides.append(f"deepspeed.config={args.deepspeed_config}")
+    return load_train_config(args.config, overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code (0 also after a SIGTERM-triggered checkpoint)."""
+    args = build_parser().parse_intermixed_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    world = prepare_world_env()
+    logging.basicConfig(level=logging.INFO if world.rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    try:
+        cfg = config_from_args(args)
+        resolved = validate(cfg, world.world_size)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    return run(cfg, resolved, world)
+
+
+def run(cfg: TrainConfig, resolved: ResolvedRun, world: WorldInfo) -> int:
+    """Train and print the summary on rank 0."""
+    from mplug_ds.engine.trainer import Trainer
+
+    summary = Trainer(cfg, resolved, world).train()
+    if world.rank == 0:
+        print(format_summary(summary), flush=True)
+    return 0
+
+
+def format_summary(summary: RunSummary) -> str:
+    """The end-of-run report."""
+    lines = ["", "=== pre-training summary ===", f"steps: {summary.steps}"]
+    if summary.first_loss is not None:
+        lines.append(f"loss: {summary.first_loss:.4f} -> {summary.last_loss:.4f} (mean of first/last steps)")
+    if summary.retrieval:
+        r = summary.retrieval
+        lines.append(f"zero-shot retrieval on held-out split ({int(r['num_images'])} images): "
+                     f"image->text R@1 {r['i2t_r1']:.3f}, text->image R@1 {r['t2i_r1']:.3f} "
+                     f"(R@5 {r['i2t_r5']:.3f} / {r['t2i_r5']:.3f})")
+    if summary.skipped_batches:
+        lines.append(f"batches skipped for non-finite loss: {summary.skipped_batches}")
+    if summary.stopped_by_signal:
+        lines.append("stopped by signal before the last step; resume with --resume auto")
+    lines.append(f"checkpoint: {summary.checkpoint}")
+    lines.append(f"metrics: {summary.output_dir}/metrics.jsonl")
+    return "\n".join(lines)

@@ -1,0 +1,139 @@
+"""Build the training batch stream and the held-out retrieval set named by ``TrainConfig.data``.
+
+A training stream is an endless iterator source: ``iter(stream)`` yields tensor batches forever, and
+``state_dict()`` / ``load_state_dict()`` save and restore its position; ``epoch`` (when present) is the
+data epoch the stream is in.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from mplug_ds.config import ConfigError
+from mplug_ds.data.pipeline import DataConfig, ShardLoader, SourceConfig, iter_samples, tokenize
+from mplug_ds.data.transforms import TestTransform, pre_caption
+from mplug_ds.engine.demo_data import DemoShards, demo_shards, prepare_demo_shards
+from mplug_ds.engine.evaluate import RetrievalSet
+from mplug_ds.engine.guards import sigterm_blocked
+from mplug_ds.engine.launch_env import WorldInfo
+from mplug_ds.engine.synthetic_data import SyntheticPretrainBatches
+from mplug_ds.engine.train_config import TrainConfig
+from mplug_ds.models.config import ModelConfig
+
+Batch = dict[str, torch.Tensor]
+DERIVED_FIELDS = {"batch_size": "batch.micro_batch_per_gpu", "image_res": "model vision.image_size",
+                  "patch_size": "model vision.patch_size", "max_len": "data.max_text_len"}
+
+
+def pipeline_config(cfg: TrainConfig, model: ModelConfig, sources: list[SourceConfig] | None = None) -> DataConfig:
+    """The shard pipeline's config with the engine-owned fields filled in (pre-training captions, training mode)."""
+    given, default = cfg.data.pipeline, DataConfig()
+    derived = {"batch_size": cfg.batch.micro_batch_per_gpu, "image_res": model.vision.image_size,
+               "patch_size": model.vision.patch_size, "max_len": cfg.data.max_text_len}
+    for name, value in derived.items():
+        if getattr(given, name) not in (getattr(default, name), value):
+            raise ConfigError(f"data.pipeline.{name}={getattr(given, name)} disagrees with {DERIVED_FIELDS[name]} "
+                              f"({value}); remove data.pipeline.{name} (the engine sets it)")
+    return dataclasses.replace(given, task="caption", train=True, sources=sources or given.sources, **derived)
+
+
+class EndlessShardBatches:
+    """A ``ShardLoader`` read epoch after epoch, keeping only tensor fields of each batch.
+
+    Creating a DataLoader iterator draws a worker seed from torch's global generator; that draw happens inside
+    ``fork_rng`` so the training RNG stream (dropout, masking, negatives) does not depend on when the loader
+    was (re)started — a resumed run continues exactly like an uninterrupted one. Workers start with SIGTERM
+    blocked, so a job-wide SIGTERM reaches only the trainer, which checkpoints and exits cleanly.
+    """
+
+    def __init__(self, loader: ShardLoader) -> None:
+        self.loader = loader
+
+    @property
+    def epoch(self) -> int:
+        return self.loader.epoch
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            with torch.random.fork_rng(devices=[]), sigterm_blocked():
+                batches = iter(self.loader)
+                first = next(batches, None)
+            if first is None:
+                raise RuntimeError(f"the data stream produced no batch in epoch {self.loader.epoch} "
+                                   f"({self.loader.errors.corrupt_samples} corrupt samples skipped); check the shards")
+            yield _tensors(first)
+            for batch in batches:
+                yield _tensors(batch)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loader position (epoch, per-worker sample offsets, skipped-sample counts)."""
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved position."""
+        self.loader.load_state_dict(state)
+
+
+def _tensors(batch: dict[str, Any]) -> Batch:
+    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def _demo(cfg: TrainConfig, world: WorldInfo) -> tuple[DemoShards, Path]:
+    """Prepare the demo shards once per node (local rank 0), the other ranks wait for them."""
+    cache = Path(cfg.data.cache_dir).expanduser()
+    if world.local_rank == 0:
+        prepare_demo_shards(cache)
+    if dist.is_initialized() and world.world_size > 1:
+        dist.barrier()
+    shards = demo_shards(cache)
+    if shards is None:
+        raise RuntimeError(f"demo shards missing in {cache} after preparation")
+    return shards, cache
+
+
+def build_train_stream(cfg: TrainConfig, model: ModelConfig, world: WorldInfo
+                       ) -> SyntheticPretrainBatches | EndlessShardBatches:
+    """This rank's endless training stream."""
+    d = cfg.data
+    if d.source == "synthetic":
+        return SyntheticPretrainBatches(cfg.batch.micro_batch_per_gpu, model.vision.image_size, d.max_text_len,
+                                        d.pipeline.seed, world.rank)
+    sources = None
+    if d.source == "demo":
+        shards, cache = _demo(cfg, world)
+        sources = [SourceConfig("demo", shards.train, manifest=str(cache / "shards" / "train" / "manifest.json"))]
+    loader = ShardLoader(pipeline_config(cfg, model, sources), world.rank, world.world_size)
+    return EndlessShardBatches(loader)
+
+
+def build_eval_set(cfg: TrainConfig, model: ModelConfig, world: WorldInfo) -> RetrievalSet | None:
+    """The held-out retrieval pairs (every caption of up to ``eval.max_samples`` images), or ``None``."""
+    d, e = cfg.data, cfg.eval
+    if d.source == "synthetic":
+        stream = SyntheticPretrainBatches(e.batch_size, model.vision.image_size, d.max_text_len, d.pipeline.seed, 0)
+        return stream.retrieval_set(e.max_samples)
+    if d.source == "demo":
+        pattern = _demo(cfg, world)[0].test
+    elif d.eval_shards:
+        pattern = d.eval_shards
+    else:
+        return None
+    transform = TestTransform(model.vision.image_size)
+    images, texts, owners = [], [], []
+    for sample in iter_samples(pattern):
+        captions = [c for c in (pre_caption(t, d.pipeline.max_words) for t in sample.texts) if c]
+        if sample.image is None or not captions:
+            continue
+        texts += captions
+        owners += [len(images)] * len(captions)
+        images.append(transform(sample.image))
+        if len(images) >= e.max_samples:
+            break
+    if not images:
+        return None
+    ids, mask = tokenize(texts, d.max_text_len)
+    return RetrievalSet(torch.stack(images), ids, mask, torch.tensor(owners))

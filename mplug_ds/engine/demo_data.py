@@ -1,0 +1,76 @@
+"""The demo's data: the procedural demo world (``mplug_ds.data.demo``), sharded once into a cache directory.
+
+``<cache_dir>/shards/{train,test}/`` hold caption shards (COCO-Karpathy format read by ``mplug_ds.data.formats``,
+written by ``mplug_ds.data.shards``), reused by later runs. Preparation happens in a temporary directory that is
+renamed into place, so an interrupted first run never leaves half-written shards behind.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from mplug_ds.data.demo import generate_demo
+from mplug_ds.data.formats import ReaderArgs, read_format
+from mplug_ds.data.shards import ShardOptions, write_shards
+
+DEMO_IMAGES = 800
+DEMO_IMAGE_SIZE = 128
+DEMO_SEED = 0
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class DemoShards:
+    """Shard patterns and sample counts of the demo's train and held-out test splits."""
+
+    train: str
+    test: str
+    train_samples: int
+    test_samples: int
+
+
+def _pattern(split_dir: Path) -> tuple[str, int]:
+    manifest = json.loads((split_dir / "manifest.json").read_text())
+    names = [s["name"] for s in manifest["shards"]]
+    return "::".join(str(split_dir / n) for n in names), int(manifest["total_samples"])
+
+
+def demo_shards(cache_dir: Path) -> DemoShards | None:
+    """The prepared demo shards under ``cache_dir``, or ``None`` when they have not been written yet."""
+    shard_dir = cache_dir / "shards"
+    if not all((shard_dir / split / "manifest.json").is_file() for split in SPLITS):
+        return None
+    (train, n_train), (test, n_test) = (_pattern(shard_dir / split) for split in SPLITS)
+    return DemoShards(train, test, n_train, n_test)
+
+
+def prepare_demo_shards(cache_dir: Path) -> DemoShards:
+    """Generate and shard the demo world into ``cache_dir`` unless it is already there."""
+    cache_dir = cache_dir.expanduser()
+    ready = demo_shards(cache_dir)
+    if ready is not None:
+        return ready
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".preparing-"))
+    try:
+        raw = work / "raw"
+        generate_demo(raw, seed=DEMO_SEED, num_images=DEMO_IMAGES, image_size=DEMO_IMAGE_SIZE)
+        reader_args = ReaderArgs(ann=[raw / "coco" / "dataset_coco.json"], images=raw / "coco")
+        for split in SPLITS:
+            options = ShardOptions(out=work / "shards" / split, prefix=f"demo-{split}", format_name="coco-karpathy",
+                                   shard_size=200, inputs=[str(raw / "coco" / "dataset_coco.json")], progress=False)
+            write_shards(read_format("coco-karpathy", reader_args, [split]), options)
+        for split in SPLITS:  # shard names are relative; the manifests stay valid after the move
+            target = cache_dir / "shards" / split
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.exists():
+                (work / "shards" / split).rename(target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    prepared = demo_shards(cache_dir)
+    if prepared is None:
+        raise RuntimeError(f"preparing the demo shards in {cache_dir} failed (no manifest.json written)")
+    return prepared

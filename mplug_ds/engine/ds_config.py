@@ -1,0 +1,115 @@
+"""Build the DeepSpeed config dict from a ``ds_configs/*.json`` template and our ``TrainConfig``.
+
+Templates leave batch sizes, accumulation, clipping and precision as ``"auto"``; they are filled from the
+training config so the numbers can never disagree. A template value that is set explicitly must agree with
+ours, otherwise a ``ConfigError`` names the key.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from mplug_ds.config import ConfigError
+from mplug_ds.engine.train_config import TrainConfig
+
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+
+# Top-level keys DeepSpeed understands (a misspelt key would otherwise be silently ignored by DeepSpeed).
+KNOWN_KEYS = frozenset({
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
+    "steps_per_print", "wall_clock_breakdown", "memory_breakdown", "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer", "bf16", "bfloat16", "fp16", "amp", "torch_autocast", "zero_optimization",
+    "activation_checkpointing", "communication_data_type", "prescale_gradients", "gradient_predivide_factor",
+    "sparse_gradients", "data_types", "tensorboard", "wandb", "csv_monitor", "comet", "flops_profiler",
+    "checkpoint", "aio", "dump_state", "optimizer", "scheduler", "dataloader_drop_last", "compile",
+    "seq_parallel_communication_data_type", "timers", "comms_logger", "elasticity", "autotuning",
+    "disable_allgather", "graph_harvesting", "use_data_before_expert_parallelism", "zero_quantized_weights",
+    "zero_quantized_gradients", "nebula", "pipeline", "curriculum_learning", "data_efficiency",
+    "compression_training", "sparse_attention", "gradient_allreduce_op", "weight_quantization",
+})
+
+
+def resolve_ds_template(name_or_path: str) -> Path:
+    """A template path: an existing JSON file, or a name under ``ds_configs/`` (``zero1`` … ``zero3_offload``)."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".json" and path.exists():
+        return path
+    candidate = DS_CONFIG_DIR / f"{name_or_path}.json"
+    if candidate.exists():
+        return candidate
+    known = ", ".join(sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json")))
+    raise ConfigError(f"deepspeed.config: no DeepSpeed config '{name_or_path}' (built-in: {known}; "
+                      "or give a path to a .json file)")
+
+
+def load_ds_template(name_or_path: str) -> tuple[Path, dict[str, Any]]:
+    """Read a DeepSpeed JSON template; a parse error names the file and line."""
+    path = resolve_ds_template(name_or_path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level")
+    return path, data
+
+
+def build_ds_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config for this run: template + batch geometry, clipping and precision from ``cfg``."""
+    path, template = load_ds_template(cfg.deepspeed.config)
+    unknown = sorted(set(template) - KNOWN_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown DeepSpeed key '{unknown[0]}'; check its spelling")
+    for owned in ("optimizer", "scheduler"):
+        if owned in template:
+            raise ConfigError(f"{path}: remove '{owned}': the engine builds AdamW with per-group learning rates "
+                              "and steps the schedule itself (set them under optim/schedule in the YAML)")
+    micro, accum = cfg.batch.micro_batch_per_gpu, cfg.batch.grad_accum_steps
+    global_batch = micro * accum * world_size
+    ds = copy.deepcopy(template)
+    _fill(ds, path, "train_micro_batch_size_per_gpu", micro)
+    _fill(ds, path, "gradient_accumulation_steps", accum)
+    _fill(ds, path, "train_batch_size", global_batch)
+    _fill(ds, path, "gradient_clipping", cfg.optim.grad_clip)
+    precision = cfg.deepspeed.precision
+    for key in ("bf16", "fp16"):
+        block = ds.setdefault(key, {})
+        if not isinstance(block, dict):
+            raise ConfigError(f"{path}: '{key}' must be an object like {{\"enabled\": \"auto\"}}")
+        want = precision == key
+        if block.get("enabled", "auto") not in ("auto", want):
+            raise ConfigError(
+                f"{path}: '{key}.enabled' is {block['enabled']} but deepspeed.precision is '{precision}'; "
+                f"set '{key}.enabled' to \"auto\" (precision is chosen by deepspeed.precision)")
+        block["enabled"] = want
+    for key in ("amp", "bfloat16"):
+        if isinstance(ds.get(key), dict) and ds[key].get("enabled"):
+            raise ConfigError(f"{path}: '{key}.enabled' conflicts with deepspeed.precision='{precision}'; "
+                              f"remove the '{key}' block")
+    if precision != "fp16":
+        ds.pop("fp16")
+    if precision != "bf16":
+        ds.pop("bf16")
+    return ds
+
+
+def zero_stage(ds: dict[str, Any]) -> int:
+    """The ZeRO stage of a built DeepSpeed config (0 when absent)."""
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def offloads_optimizer(ds: dict[str, Any]) -> bool:
+    """True when the optimizer state lives on the CPU (DeepSpeed's CPU Adam is then used)."""
+    device = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device in ("cpu", "nvme")
+
+
+def _fill(ds: dict[str, Any], path: Path, key: str, value: Any) -> None:
+    current = ds.get(key, "auto")
+    if current != "auto" and current != value:
+        raise ConfigError(
+            f"{path}: '{key}' is {current} but the training config gives {value} (from batch.* / optim.*); "
+            f"set '{key}' to \"auto\" in the JSON and choose it in the YAML")
+    ds[key] = value

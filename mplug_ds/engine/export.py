@@ -1,0 +1,107 @@
+"""Consolidate a DeepSpeed training checkpoint (any ZeRO stage) into plain safetensors + the model config.
+
+Output directory::
+
+    model.safetensors           the online MPLUG weights in fp32, keys exactly as ``build_model(cfg).state_dict()``
+    momentum.safetensors        the EMA teacher (only with ``include_momentum``)
+    model_config.yaml           the ModelConfig the weights belong to (``load_model_config(path)`` reads it)
+
+Runs in a single process, without GPUs or a process group (DeepSpeed's ``zero_to_fp32`` reader).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from safetensors.torch import load_file, save_file
+
+from mplug_ds.config import to_dict
+from mplug_ds.engine.checkpoint import (COMPLETE, TEACHER_FILE, atomic_write_text, publish, resolve_resume,
+                                        temp_path)
+from mplug_ds.engine.zero_compat import match_scalar_shapes
+from mplug_ds.models.config import ModelConfig, load_model_config
+from mplug_ds.models.mplug import build_model
+
+MODEL_PREFIX = "model."  # PretrainModel keeps the online MPLUG as ``.model``
+
+
+def find_run_model_config(tag_dir: Path) -> Path:
+    """The ``model_config.yaml`` saved by the training run that wrote ``tag_dir``."""
+    for parent in (tag_dir.parent.parent, tag_dir.parent, tag_dir):
+        candidate = parent / "model_config.yaml"
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"no model_config.yaml found next to {tag_dir}; pass the model config explicitly")
+
+
+def consolidate(tag_dir: Path, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The online model's full fp32 state dict from a checkpoint, checked against a freshly built model."""
+    merged = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    online = {k[len(MODEL_PREFIX):]: v for k, v in merged.items() if k.startswith(MODEL_PREFIX)}
+    reference = build_model(model_cfg).state_dict()
+    online = match_scalar_shapes(online, reference)
+    missing = sorted(set(reference) - set(online))
+    unexpected = sorted(set(online) - set(reference))
+    if missing or unexpected:
+        raise RuntimeError(f"{tag_dir}: checkpoint does not match model '{model_cfg.name}': "
+                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, ref in reference.items():
+        if online[key].shape != ref.shape:
+            raise RuntimeError(f"{tag_dir}: '{key}' has shape {tuple(online[key].shape)}, model '{model_cfg.name}' "
+                               f"expects {tuple(ref.shape)}")
+    # Tied weights arrive as one shared tensor; safetensors needs every entry to own its storage.
+    return {k: v.detach().float().contiguous().clone() for k, v in online.items()}
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, model_config: str | None = None,
+                      include_momentum: bool = False) -> Path:
+    """Write ``model.safetensors`` (+ optional ``momentum.safetensors``) and ``model_config.yaml`` to ``out_dir``.
+
+    ``checkpoint``: a ``step_*`` tag directory, a checkpoints directory or a run directory (newest complete
+    checkpoint). ``model_config``: a model name or YAML path; default: the run's saved ``model_config.yaml``.
+    """
+    tag_dir = resolve_resume(str(checkpoint), Path(checkpoint))
+    if tag_dir is None:
+        raise FileNotFoundError(f"{checkpoint}: no complete checkpoint")
+    cfg_path = model_config or find_run_model_config(tag_dir)
+    model_cfg = load_model_config(cfg_path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    marker = json.loads((tag_dir / COMPLETE).read_text())
+    metadata = {"source": str(tag_dir), "step": str(marker["step"]), "format": "mplug_ds"}
+    _atomic_save(consolidate(tag_dir, model_cfg), out / "model.safetensors", metadata)
+    if include_momentum:
+        teacher_file = tag_dir / TEACHER_FILE
+        if not teacher_file.exists():
+            raise FileNotFoundError(f"{tag_dir} has no momentum teacher (objective.distill was off)")
+        teacher = torch.load(teacher_file, map_location="cpu", weights_only=True)
+        _atomic_save({k: v.float().contiguous().clone() for k, v in teacher.items()},
+                     out / "momentum.safetensors", metadata)
+    text = yaml.safe_dump(to_dict(model_cfg), sort_keys=False)
+    atomic_write_text(out / "model_config.yaml", text)
+    return out
+
+
+def load_weights(model: torch.nn.Module, export_dir: str | Path) -> None:
+    """Load ``model.safetensors`` of an export directory into ``model`` (strict: keys and shapes must match)."""
+    path = Path(export_dir).expanduser() / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (model.init_from must be a tools/export_checkpoint.py output)")
+    model.load_state_dict(load_file(str(path)), strict=True)
+
+
+def load_exported(out_dir: str | Path) -> torch.nn.Module:
+    """Build the plain (non-DeepSpeed) model from an export directory and load its weights (strict)."""
+    out = Path(out_dir)
+    model = build_model(load_model_config(out / "model_config.yaml"))
+    load_weights(model, out)
+    return model
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    tmp = temp_path(path)
+    save_file(tensors, tmp, metadata=metadata)
+    publish(tmp, path)

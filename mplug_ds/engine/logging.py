@@ -1,0 +1,155 @@
+"""Rank-0 training output: progress line and bar, ``metrics.jsonl``, and optional wandb / TensorBoard sinks."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import netrc
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from mplug_ds.config import ConfigError
+
+log = logging.getLogger("mplug_ds.train")
+
+REPORT_TARGETS = ("wandb", "tensorboard", "none")
+METRICS_FILE = "metrics.jsonl"
+
+
+def check_report_to(targets: Sequence[str]) -> list[str]:
+    """Validate ``logging.report_to``; a requested sink whose package is missing is a ``ConfigError``."""
+    chosen = []
+    for target in targets:
+        if target not in REPORT_TARGETS:
+            raise ConfigError(f"logging.report_to: unknown target '{target}' (choose from {', '.join(REPORT_TARGETS)})")
+        if target == "none":
+            continue
+        package = "wandb" if target == "wandb" else "tensorboard"
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(f"logging.report_to: '{target}' needs the '{package}' package "
+                              f"(pip install {package}), or drop it from --report-to")
+        chosen.append(target)
+    return chosen
+
+
+def wandb_has_key() -> bool:
+    """True when a wandb API key is configured (environment or ~/.netrc)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak accelerator memory allocated (GiB); on CPU, the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss_kb / 2**20 if sys.platform != "darwin" else rss_kb / 2**30
+
+
+def format_progress(record: dict[str, Any], total_steps: int) -> str:
+    """One progress line: step, each loss, learning rates, throughput, data wait vs compute, peak memory."""
+    losses = " ".join(f"{k.removeprefix('loss_') if k != 'loss' else 'loss'} {v:.4f}"
+                      for k, v in record.items() if k.startswith("loss"))
+    return (f"step {record['step']}/{total_steps} epoch {record['epoch']} | {losses} | "
+            f"lr {record['lr']:.2e} visual_lr {record['visual_lr']:.2e} | {record['samples_per_s']:.1f} samples/s | "
+            f"data {record['data_time']:.3f}s compute {record['compute_time']:.3f}s | "
+            f"peak mem {record['peak_mem_gb']:.2f} GB")
+
+
+class RunLogger:
+    """Writes metrics on rank 0 only (other ranks hold an inert instance)."""
+
+    def __init__(self, output_dir: Path, rank: int, total_steps: int, every_steps: int,
+                 report_to: Sequence[str], run_config: dict[str, Any], progress_bar: bool,
+                 wandb_project: str = "mplug_ds") -> None:
+        self.active = rank == 0
+        self.total_steps = total_steps
+        self.every_steps = max(1, every_steps)
+        self.sinks: list[Any] = []
+        self.bar = None
+        self._tensorboard = None
+        self._wandb = None
+        if not self.active:
+            return
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = output_dir / METRICS_FILE
+        self._metrics = self.metrics_path.open("a")
+        if "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
+        if "wandb" in report_to:
+            import wandb
+
+            mode = os.environ.get("WANDB_MODE") or ("online" if wandb_has_key() else "offline")
+            self._wandb = wandb.init(project=wandb_project, dir=str(output_dir), config=run_config, mode=mode,
+                                     resume="allow")
+            if mode == "offline":
+                log.info("wandb: no API key configured, logging offline (sync later with `wandb sync %s`)",
+                         output_dir / "wandb")
+        if progress_bar and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
+
+    def event(self, kind: str, **fields: Any) -> None:
+        """A non-step record (run start, resume, skipped step, checkpoint, summary) in ``metrics.jsonl``."""
+        if self.active:
+            self._write({"event": kind, "time": time.time(), **fields})
+
+    def step(self, record: dict[str, Any]) -> None:
+        """Log one optimizer step: always to ``metrics.jsonl``; the progress line every ``every_steps``."""
+        if not self.active:
+            return
+        self._write({"event": "step", "time": time.time(), **record})
+        step = record["step"]
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}")
+        if step % self.every_steps == 0 or step == self.total_steps:
+            line = format_progress(record, self.total_steps)
+            if self.bar is not None:
+                self.bar.write(line)
+            else:
+                print(line, flush=True)
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if self._tensorboard is not None:
+            for key, value in scalars.items():
+                self._tensorboard.add_scalar(f"train/{key}", value, step)
+        if self._wandb is not None:
+            self._wandb.log({f"train/{k}": v for k, v in scalars.items()}, step=step)
+
+    def info(self, message: str) -> None:
+        """A human-readable line on rank 0 (kept clear of the progress bar)."""
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        """Flush and close every sink."""
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self._metrics.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()

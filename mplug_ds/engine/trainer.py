@@ -1,0 +1,278 @@
+"""The pre-training loop on DeepSpeed: initialise, accumulate, step, EMA, schedule, guard, log, checkpoint.
+
+One ``Trainer`` per process. Every rank runs the same sequence of collectives: one small all-reduce per
+micro-batch carries the losses, the non-finite flag and the stop (SIGTERM) flag, so all ranks skip, stop
+and checkpoint at the same step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import deepspeed
+import torch
+import torch.distributed as dist
+import yaml
+from deepspeed.accelerator import get_accelerator
+
+from mplug_ds.config import to_dict
+from mplug_ds.engine.checkpoint import CheckpointManager, TrainState, atomic_write_text, resolve_resume
+from mplug_ds.engine.data_source import build_eval_set, build_train_stream
+from mplug_ds.engine.ds_config import offloads_optimizer
+from mplug_ds.engine.evaluate import zero_shot_retrieval
+from mplug_ds.engine.export import load_weights
+from mplug_ds.engine.guards import NonFiniteGuard, StopRequest
+from mplug_ds.engine.launch_env import WorldInfo
+from mplug_ds.engine.logging import RunLogger, peak_memory_gb
+from mplug_ds.engine.master_weights import master_weight_source
+from mplug_ds.engine.rng import rng_state, seed_everything, set_deterministic, set_rng_state
+from mplug_ds.engine.schedule import WarmupCosine, group_lr, param_groups
+from mplug_ds.engine.train_config import TrainConfig
+from mplug_ds.engine.validate import ResolvedRun
+from mplug_ds.engine.zero_compat import promote_scalar_params
+from mplug_ds.models.mplug import build_model
+from mplug_ds.objectives.pretrain import PretrainModel
+
+log = logging.getLogger("mplug_ds.train")
+
+LOSS_KEYS = ("loss", "loss_ita", "loss_itm", "loss_mlm", "loss_prefix")
+
+
+@dataclass
+class RunSummary:
+    """What a finished (or stopped) run reports."""
+
+    steps: int
+    first_loss: float | None
+    last_loss: float | None
+    retrieval: dict[str, float] = field(default_factory=dict)
+    checkpoint: str | None = None
+    stopped_by_signal: bool = False
+    skipped_batches: int = 0
+    output_dir: str = ""
+
+
+class Trainer:
+    """Builds the model, DeepSpeed engine, data stream and bookkeeping for one run; ``train()`` runs it."""
+
+    def __init__(self, cfg: TrainConfig, resolved: ResolvedRun, world: WorldInfo) -> None:
+        self.cfg, self.resolved, self.world = cfg, resolved, world
+        set_deterministic(cfg.run.deterministic)
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+        accel = get_accelerator()
+        if accel.device_name() == "cuda":
+            accel.set_device(world.local_rank)
+        self.device = torch.device(accel.device_name(world.local_rank) if accel.device_name() == "cuda" else "cpu")
+
+        seed_everything(cfg.run.seed)  # identical initial weights on every rank
+        model = build_model(resolved.model)
+        if cfg.model.init_from:
+            load_weights(model, cfg.model.init_from)
+        self.pretrain = PretrainModel(model, resolved.objective)
+        promote_scalar_params(self.pretrain)
+        optimizer = self._optimizer()
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.pretrain, optimizer=optimizer, config=resolved.ds_config, dist_init_required=False)
+        self.teacher = self.pretrain.teacher
+        if self.teacher is not None:
+            self.teacher.to(self.engine.device)
+        seed_everything(cfg.run.seed + 1000 * world.rank + 1)  # per-rank dropout / masking / negatives
+
+        self.schedule = WarmupCosine(cfg.schedule)
+        self.state = TrainState()
+        self.guard = NonFiniteGuard(cfg.run.max_nonfinite_steps)
+        self.checkpoints = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last)
+        self.stream = build_train_stream(cfg, resolved.model, world)
+        self.losses: list[float] = []
+        self.last_checkpoint: Path | None = None
+        self.logger = RunLogger(cfg.output_dir, world.rank, cfg.schedule.total_steps, cfg.logging.every_steps,
+                                resolved.report_to, to_dict(cfg), cfg.logging.progress_bar,
+                                cfg.logging.wandb_project)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        groups = param_groups(self.pretrain, o)
+        if offloads_optimizer(self.resolved.ds_config):
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, adamw_mode=True)
+        return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+
+    # ------------------------------------------------------------------ run
+    def train(self) -> RunSummary:
+        """Run to ``schedule.total_steps`` (or until SIGTERM); returns the summary (rank 0 has the metrics)."""
+        cfg = self.cfg
+        self._save_resolved_config()
+        stop = StopRequest()
+        try:
+            data = self.resume_or_start()
+            stopped = False
+            while self.state.step < cfg.schedule.total_steps and not stopped:
+                stopped = self.optimizer_step(data, stop)
+                due = self.state.step % cfg.checkpoint.every_steps == 0
+                if (stopped or due) and not self._saved_at_current_step():
+                    self._checkpoint()
+            if not stopped and cfg.checkpoint.save_final and not self._saved_at_current_step():
+                self._checkpoint()
+            if stopped:
+                cause = f"received {stop.signal_name}" if stop.requested else "another rank received a stop signal"
+                self.logger.info(f"{cause}: saved {self.last_checkpoint} at step {self.state.step}; "
+                                 "resume with --resume auto")
+            retrieval = {} if stopped else self._evaluate()
+            summary = self._summary(retrieval, stopped)
+            self.logger.event("summary", **dataclasses.asdict(summary))
+            return summary
+        finally:
+            stop.restore()
+            self.logger.close()
+
+    def resume_or_start(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Restore the newest/asked-for checkpoint (``run.resume``) if any; returns the training batch iterator."""
+        tag_dir = resolve_resume(self.cfg.run.resume, self.cfg.checkpoint_dir)
+        if tag_dir is None:
+            self.logger.event("start", world_size=self.world.world_size, ds_config=self.resolved.ds_config)
+            return iter(self.stream)
+        state, rank_state, teacher = self.checkpoints.load(self.engine, tag_dir)
+        self.state = state
+        if self.teacher is not None:
+            if teacher is None:
+                raise RuntimeError(f"{tag_dir} has no momentum teacher but objective.distill is on")
+            self.teacher.load_state_dict(teacher)
+        self.stream.load_state_dict(rank_state["data"])
+        data = iter(self.stream)
+        set_rng_state(rank_state["rng"])  # last: creating the data iterator may draw from the generators
+        self.last_checkpoint = tag_dir
+        self.logger.event("resume", checkpoint=str(tag_dir), **dataclasses.asdict(state))
+        self.logger.info(f"resumed from {tag_dir} at step {state.step} ({state.samples_seen} samples seen)")
+        return data
+
+    def optimizer_step(self, data: Iterator[dict[str, torch.Tensor]], stop: StopRequest) -> bool:
+        """Accumulate one optimizer step of finite micro-batches; returns True when a stop was requested.
+
+        Before each batch is fetched the ranks agree on pending stop requests: a SIGTERM sent to the whole
+        process group also kills the DataLoader workers, so no batch is fetched once a stop is known.
+        """
+        cfg, engine = self.cfg, self.engine
+        accum = cfg.batch.grad_accum_steps
+        self.schedule.apply(self.optimizer, self.state.step)
+        alpha = self._alpha()
+        sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64)
+        data_time = compute_time = 0.0
+        started = time.perf_counter()
+        good = 0
+        stop_requested = False
+        while good < accum:
+            if self._any_rank(stop.requested):
+                if good:
+                    self.logger.info(f"stopping inside step {self.state.step + 1}: its {good} accumulated "
+                                     "micro-batch(es) are dropped (the checkpoint is taken at the last full step)")
+                return True
+            t0 = time.perf_counter()
+            batch = {k: v.to(engine.device, non_blocking=True) for k, v in next(data).items()}
+            t1 = time.perf_counter()
+            out = engine(batch, alpha=alpha)
+            losses, nonfinite, stop_any = self._agree(out, stop.requested)
+            stop_requested |= stop_any
+            if self.guard.observe(not nonfinite):
+                self.state.skipped_batches += 1
+                self.logger.event("skipped_batch", step=self.state.step + 1,
+                                  **{k: float(v) for k, v in zip(LOSS_KEYS, losses)})
+                self.logger.info(f"warning: non-finite loss before step {self.state.step + 1} "
+                                 f"({', '.join(f'{k}={v:.4g}' for k, v in zip(LOSS_KEYS, losses.tolist()))}); "
+                                 f"batch skipped ({self.guard.in_row} in a row)")
+                del out
+                data_time += t1 - t0
+                compute_time += time.perf_counter() - t1
+                continue
+            engine.backward(out["loss"])
+            engine.step()
+            sums += losses
+            good += 1
+            data_time += t1 - t0
+            compute_time += time.perf_counter() - t1
+        if self.teacher is not None and engine.was_step_applied():
+            self.teacher.update(master_weight_source())
+        global_batch = cfg.batch.micro_batch_per_gpu * accum * self.world.world_size
+        self.state.step += 1
+        self.state.samples_seen += global_batch
+        self.state.epoch = getattr(self.stream, "epoch", 0)
+        elapsed = time.perf_counter() - started
+        means = (sums / accum).tolist()
+        self.losses.append(means[0])
+        record = {"step": self.state.step, "epoch": self.state.epoch, "samples": self.state.samples_seen,
+                  **dict(zip(LOSS_KEYS, means)),
+                  "lr": group_lr(self.optimizer, visual=False), "visual_lr": group_lr(self.optimizer, visual=True),
+                  "alpha": alpha, "samples_per_s": global_batch / elapsed, "data_time": data_time,
+                  "compute_time": compute_time, "peak_mem_gb": peak_memory_gb(self.device),
+                  "overflow": not engine.was_step_applied()}
+        self.logger.step(record)
+        return stop_requested
+
+    def _agree(self, out: dict[str, torch.Tensor], stop_local: bool) -> tuple[torch.Tensor, bool, bool]:
+        """All-reduce (mean losses, any non-finite, any stop request) across ranks in one collective."""
+        n = len(LOSS_KEYS)
+        values = torch.stack([out[k].detach() for k in LOSS_KEYS]).double()
+        flags = torch.tensor([0.0 if bool(torch.isfinite(values).all()) else 1.0, float(stop_local)],
+                             dtype=torch.float64, device=values.device)
+        packed = torch.cat([values, flags])
+        if self.world.world_size > 1:
+            dist.all_reduce(packed)
+            packed[:n] /= self.world.world_size
+        packed = packed.cpu()
+        return packed[:n], bool(packed[n] > 0), bool(packed[n + 1] > 0)
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any rank."""
+        if self.world.world_size == 1:
+            return flag
+        packed = torch.tensor([float(flag)], device=self.engine.device)
+        dist.all_reduce(packed)
+        return bool(packed.item() > 0)
+
+    def _alpha(self) -> float:
+        target = self.resolved.objective.alpha
+        ramp = self.cfg.schedule.alpha_warmup_steps
+        return target if ramp == 0 else target * min(1.0, self.state.step / ramp)
+
+    # ------------------------------------------------------------------ checkpoints / outputs
+    def _checkpoint(self) -> None:
+        rank_state = {"rng": rng_state(), "data": self.stream.state_dict()}
+        teacher = self.teacher.state_dict() if self.teacher is not None else None
+        self.last_checkpoint = self.checkpoints.save(self.engine, self.state, rank_state, teacher)
+        self.logger.event("checkpoint", step=self.state.step, path=str(self.last_checkpoint))
+
+    def _saved_at_current_step(self) -> bool:
+        return self.last_checkpoint is not None and self.last_checkpoint.name == f"step_{self.state.step:08d}"
+
+    def _save_resolved_config(self) -> None:
+        if self.world.rank != 0:
+            return
+        out = self.cfg.output_dir
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        atomic_write_text(out / "model_config.yaml", yaml.safe_dump(to_dict(self.resolved.model), sort_keys=False))
+        atomic_write_text(out / "ds_config.json", json.dumps(self.resolved.ds_config, indent=2))
+
+    def _evaluate(self) -> dict[str, float]:
+        if not self.cfg.eval.retrieval:
+            return {}
+        eval_set = build_eval_set(self.cfg, self.resolved.model, self.world)
+        if eval_set is None:
+            return {}
+        metrics = zero_shot_retrieval(self.engine, self.pretrain.model, eval_set, self.cfg.eval.batch_size)
+        self.logger.event("eval", **metrics)
+        return metrics
+
+    def _summary(self, retrieval: dict[str, float], stopped: bool) -> RunSummary:
+        window = max(1, min(5, len(self.losses) // 4 or 1))
+        first = sum(self.losses[:window]) / window if self.losses else None
+        last = sum(self.losses[-window:]) / window if self.losses else None
+        return RunSummary(steps=self.state.step, first_loss=first, last_loss=last, retrieval=retrieval,
+                          checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
+                          stopped_by_signal=stopped, skipped_batches=self.state.skipped_batches,
+                          output_dir=str(self.cfg.output_dir))

@@ -1,0 +1,100 @@
+"""Check a ``TrainConfig`` completely before any process starts work; every failure is a ``ConfigError``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mplug_ds.config import ConfigError, from_dict
+from mplug_ds.data.pipeline import check_config
+from mplug_ds.engine.data_source import pipeline_config
+from mplug_ds.engine.ds_config import build_ds_config
+from mplug_ds.engine.logging import check_report_to
+from mplug_ds.engine.train_config import TrainConfig
+from mplug_ds.models.config import ModelConfig, load_model_config
+from mplug_ds.objectives.pretrain import PretrainConfig
+
+
+@dataclass
+class ResolvedRun:
+    """What validation produced: the DeepSpeed config and the model and objective configs."""
+
+    ds_config: dict[str, Any]
+    model: ModelConfig
+    objective: PretrainConfig
+    report_to: list[str]
+
+
+def resolve_batch(cfg: TrainConfig, world_size: int) -> None:
+    """Check the batch geometry; ``batch.global_batch_size`` (if set) decides the accumulation steps."""
+    b = cfg.batch
+    for key in ("micro_batch_per_gpu", "grad_accum_steps"):
+        if getattr(b, key) < 1:
+            raise ConfigError(f"batch.{key} must be >= 1, got {getattr(b, key)}")
+    if b.micro_batch_per_gpu < 2:
+        raise ConfigError("batch.micro_batch_per_gpu must be >= 2 (ITM draws in-batch negatives on each rank)")
+    if b.global_batch_size is None:
+        return
+    per_step = b.micro_batch_per_gpu * world_size
+    if b.global_batch_size % per_step:
+        raise ConfigError(
+            f"batch.global_batch_size={b.global_batch_size} is not divisible by batch.micro_batch_per_gpu "
+            f"({b.micro_batch_per_gpu}) × {world_size} ranks = {per_step}; choose a multiple of {per_step} "
+            f"(e.g. {per_step * max(1, round(b.global_batch_size / per_step))})")
+    accum = b.global_batch_size // per_step
+    if b.grad_accum_steps not in (1, accum):
+        raise ConfigError(
+            f"batch.grad_accum_steps={b.grad_accum_steps} disagrees with batch.global_batch_size="
+            f"{b.global_batch_size} (which needs {accum} with {world_size} ranks); set only one of them")
+    b.grad_accum_steps = accum
+
+
+def validate(cfg: TrainConfig, world_size: int) -> ResolvedRun:
+    """Validate every section; fills derived values (accumulation steps) into ``cfg``."""
+    resolve_batch(cfg, world_size)
+    s = cfg.schedule
+    if s.total_steps < 1:
+        raise ConfigError(f"schedule.total_steps must be >= 1, got {s.total_steps}")
+    if not 0 <= s.warmup_steps <= s.total_steps:
+        raise ConfigError(f"schedule.warmup_steps={s.warmup_steps} must be between 0 and schedule.total_steps "
+                          f"({s.total_steps})")
+    if s.alpha_warmup_steps < 0:
+        raise ConfigError("schedule.alpha_warmup_steps must be >= 0")
+    o = cfg.optim
+    if min(o.lr, o.visual_lr) <= 0:
+        raise ConfigError("optim.lr and optim.visual_lr must be > 0")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+    if o.grad_clip < 0:
+        raise ConfigError("optim.grad_clip must be >= 0 (0 disables clipping)")
+    if cfg.checkpoint.every_steps < 1 or cfg.checkpoint.keep_last < 1:
+        raise ConfigError("checkpoint.every_steps and checkpoint.keep_last must be >= 1")
+    if cfg.run.max_nonfinite_steps < 1:
+        raise ConfigError("run.max_nonfinite_steps must be >= 1")
+    if cfg.deepspeed.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("deepspeed.precision=fp16 needs a CUDA device (DeepSpeed has no fp16 on CPU); "
+                          "use bf16 or fp32")
+    d = cfg.data
+    if d.source == "shards" and not d.pipeline.sources:
+        raise ConfigError("data.pipeline.sources is required when data.source=shards, e.g. "
+                          "[{name: cc3m, shards: '/data/cc3m/{000000..000331}.tar', manifest: /data/cc3m/manifest.json}]")
+    if d.max_text_len < 4:
+        raise ConfigError(f"data.max_text_len must be >= 4, got {d.max_text_len}")
+    if cfg.model.init_from and not (Path(cfg.model.init_from).expanduser() / "model.safetensors").is_file():
+        raise ConfigError(f"model.init_from: {cfg.model.init_from} has no model.safetensors "
+                          "(give a directory written by tools/export_checkpoint.py)")
+    try:
+        model = load_model_config(cfg.model.name, cfg.model.override_list())
+    except ConfigError as err:
+        raise ConfigError(f"model: {err}") from None
+    if d.source == "shards":
+        try:
+            check_config(pipeline_config(cfg, model))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    objective = from_dict(PretrainConfig, cfg.objective, "objective")
+    report_to = check_report_to(cfg.logging.report_to)
+    ds = build_ds_config(cfg, world_size)
+    return ResolvedRun(ds_config=ds, model=model, objective=objective, report_to=report_to)

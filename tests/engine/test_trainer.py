@@ -1,0 +1,128 @@
+"""The training loop in this process (one rank, real DeepSpeed engine): non-finite guard, checkpoints, SIGTERM."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mplug_ds.engine.checkpoint import (COMPLETE, LATEST, TEACHER_FILE, complete_checkpoints, latest_complete,
+                                        resolve_resume, tag_for)
+from mplug_ds.engine.guards import NonFiniteLossError, StopRequest
+from mplug_ds.engine.launch_env import prepare_world_env
+from mplug_ds.engine.train_config import load_train_config
+from mplug_ds.engine.trainer import Trainer
+from mplug_ds.engine.validate import validate
+from tests.engine.engine_runs import PRETRAIN, REPO, records, run_env, step_losses
+
+
+@pytest.fixture(scope="module")
+def world():
+    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    if saved["RANK"] is None:
+        for key in saved:
+            os.environ.pop(key, None)
+    yield prepare_world_env()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _trainer(world, out, *overrides):
+    cfg = load_train_config("synthetic_tiny", [f"run.output_dir={out}", "logging.progress_bar=false", *overrides])
+    return Trainer(cfg, validate(cfg, world.world_size), world)
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_nonfinite_batch_is_skipped_and_repeated_ones_abort(world, tmp_path, zero):
+    trainer = _trainer(world, tmp_path, "run.max_nonfinite_steps=3", f"deepspeed.config={zero}")
+    head = trainer.pretrain.model.itm_head.weight
+    head = getattr(head, "ds_tensor", head)  # ZeRO-3 gathers the module weight from this (one rank: all of it)
+    healthy = head.detach().clone()
+
+    def batches(n_bad):
+        """``n_bad`` batches whose ITM loss is NaN (a transiently non-finite head), then healthy ones."""
+        with torch.no_grad():
+            head.fill_(float("nan"))
+        for index in range(n_bad):
+            yield trainer.stream.batch(index)
+        with torch.no_grad():
+            head.copy_(healthy)
+        while True:
+            yield trainer.stream.batch(n_bad)
+
+    before = {n: p.detach().clone() for n, p in trainer.pretrain.model.named_parameters()}
+    trainer.optimizer_step(batches(1), StopRequest())
+    assert trainer.state.step == 1 and trainer.state.skipped_batches == 1
+    rows = records(tmp_path)
+    assert [r["event"] for r in rows] == ["skipped_batch", "step"]
+    assert rows[0]["loss_itm"] != rows[0]["loss_itm"]  # NaN was reported
+    assert all(map(lambda v: v == v, [rows[1]["loss"], rows[1]["loss_itm"]]))
+    after = dict(trainer.pretrain.model.named_parameters())
+    assert all(torch.isfinite(p).all() for p in after.values())
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+
+    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row"):
+        trainer.optimizer_step(batches(3), StopRequest())
+    trainer.logger.close()
+
+
+def test_checkpoints_keep_last_n_and_resume_restores_state_bit_for_bit(world, tmp_path):
+    first = _trainer(world, tmp_path, "schedule.total_steps=3", "checkpoint.every_steps=1", "checkpoint.keep_last=2")
+    summary = first.train()
+    ckpts = tmp_path / "checkpoints"
+    assert [s for s, _ in complete_checkpoints(ckpts)] == [2, 3]
+    assert (ckpts / LATEST).read_text() == tag_for(3) and summary.checkpoint == str(ckpts / tag_for(3))
+    # A save that died half-way (no completion marker) is never picked.
+    shutil.copytree(ckpts / tag_for(3), ckpts / tag_for(4))
+    (ckpts / tag_for(4) / COMPLETE).unlink()
+    assert latest_complete(ckpts) == ckpts / tag_for(3) == resolve_resume("auto", ckpts)
+    with pytest.raises(FileNotFoundError, match="complete.json"):
+        resolve_resume(str(ckpts / tag_for(4)), ckpts)
+
+    second = _trainer(world, tmp_path, "schedule.total_steps=4", "run.resume=auto")
+    data = second.resume_or_start()
+    saved_teacher = torch.load(ckpts / tag_for(3) / TEACHER_FILE, weights_only=True)
+    restored = second.teacher.state_dict()
+    assert all(torch.equal(restored[k], saved_teacher[k]) for k in saved_teacher)
+    assert (second.state.step, second.state.samples_seen) == (3, 3 * 4)
+    assert second.stream.next_index == 3
+    online_first = dict(first.pretrain.model.named_parameters())
+    assert all(torch.equal(p, online_first[n]) for n, p in second.pretrain.model.named_parameters())
+    second.optimizer_step(data, StopRequest())
+    assert second.state.step == 4
+    second.logger.close()
+
+
+def test_sigterm_to_the_process_group_saves_a_checkpoint_and_exits_zero(tmp_path):
+    """Plain ``python launch/pretrain.py`` on demo shards with a DataLoader worker; SIGTERM to the whole process
+    group (as Slurm and the deepspeed launcher send it, killing the worker too) → checkpoint, exit status 0."""
+    out = tmp_path / "run"
+    command = [sys.executable, str(PRETRAIN), f"run.output_dir={out}", f"data.cache_dir={tmp_path / 'cache'}",
+               "batch.micro_batch_per_gpu=4", "schedule.total_steps=100000", "checkpoint.every_steps=100000",
+               "logging.progress_bar=false"]
+    proc = subprocess.Popen(command, cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and '"event": "step"' in metrics.read_text()):
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert time.time() < deadline
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-4000:]
+    last_step = max(step_losses(out))
+    assert latest_complete(out / "checkpoints") == out / "checkpoints" / tag_for(last_step)
+    summary = [r for r in records(out) if r["event"] == "summary"][-1]
+    assert summary["stopped_by_signal"] is True
+    assert "received SIGTERM" in output
+    assert json.loads((out / "checkpoints" / tag_for(last_step) / COMPLETE).read_text())["step"] == last_step
