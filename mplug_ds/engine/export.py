@@ -21,7 +21,6 @@ from safetensors.torch import load_file, save_file
 from mplug_ds.config import to_dict
 from mplug_ds.engine.checkpoint import (COMPLETE, TEACHER_FILE, atomic_write_text, publish, resolve_resume,
                                         temp_path)
-from mplug_ds.engine.zero_compat import match_scalar_shapes
 from mplug_ds.models.config import ModelConfig, load_model_config
 from mplug_ds.models.mplug import build_model
 
@@ -42,7 +41,6 @@ def consolidate(tag_dir: Path, model_cfg: ModelConfig) -> dict[str, torch.Tensor
     merged = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     online = {k[len(MODEL_PREFIX):]: v for k, v in merged.items() if k.startswith(MODEL_PREFIX)}
     reference = build_model(model_cfg).state_dict()
-    online = match_scalar_shapes(online, reference)
     missing = sorted(set(reference) - set(online))
     unexpected = sorted(set(online) - set(reference))
     if missing or unexpected:

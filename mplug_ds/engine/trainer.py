@@ -34,7 +34,6 @@ from mplug_ds.engine.rng import rng_state, seed_everything, set_deterministic, s
 from mplug_ds.engine.schedule import WarmupCosine, group_lr, param_groups
 from mplug_ds.engine.train_config import TrainConfig
 from mplug_ds.engine.validate import ResolvedRun
-from mplug_ds.engine.zero_compat import promote_scalar_params
 from mplug_ds.models.mplug import build_model
 from mplug_ds.objectives.pretrain import PretrainModel
 
@@ -74,7 +73,6 @@ class Trainer:
         if cfg.model.init_from:
             load_weights(model, cfg.model.init_from)
         self.pretrain = PretrainModel(model, resolved.objective)
-        promote_scalar_params(self.pretrain)
         optimizer = self._optimizer()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.pretrain, optimizer=optimizer, config=resolved.ds_config, dist_init_required=False)

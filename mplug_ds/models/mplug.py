@@ -44,7 +44,8 @@ class MPLUG(nn.Module):
             self.decoder = PrefixLMDecoder(t, cfg.decoder_layers, backend, ckpt)
             init_bert_weights(self.decoder, t.initializer_range)
             self.itm_head = nn.Linear(t.hidden_size, 2)
-            self.temp = nn.Parameter(torch.tensor(cfg.temp))
+            # Shape (1,), not (): DeepSpeed cannot broadcast 0-dim parameters. Official checkpoints store ().
+            self.temp = nn.Parameter(torch.tensor([cfg.temp]))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -82,8 +83,8 @@ class MPLUG(nn.Module):
         return F.normalize(self.text_proj(text[:, 0]).float(), dim=-1)
 
     def temperature(self) -> torch.Tensor:
-        """The learnable contrastive temperature, clamped to [0.001, 0.5]."""
-        return self.temp.float().clamp(*TEMP_RANGE)
+        """The learnable contrastive temperature (a 0-dim tensor), clamped to [0.001, 0.5]."""
+        return self.temp.float().clamp(*TEMP_RANGE).squeeze(0)
 
 
 def build_model(cfg: ModelConfig | str) -> MPLUG:

@@ -50,6 +50,7 @@ class VisionEncoder(nn.Module):
             norm_layer=partial(LayerNorm, eps=cfg.layer_norm_eps), act_layer="quick_gelu",
             attn_drop_rate=cfg.attn_dropout, attn_layer=ClipAttention.with_backend(attn_backend),
         )
+        init_clip_weights(self.vit)
 
     @property
     def num_patches(self) -> int:
@@ -67,6 +68,25 @@ class VisionEncoder(nn.Module):
                 tapped = x
         x = vit.norm(x)
         return (x, tapped) if tap_layer is not None else x
+
+
+@torch.no_grad()
+def init_clip_weights(vit: VisionTransformer) -> None:
+    """OpenAI CLIP's from-scratch initialisation of the image tower.
+
+    Class and positional embeddings ~ N(0, W^-1/2), fused q/k/v Xavier-uniform (as ``nn.MultiheadAttention``),
+    other linears PyTorch's default. timm's ViT default (class token std 1e-6, all weights std 0.02) leaves the
+    class token almost independent of the image at step 0, which stalls contrastive learning from scratch.
+    Loading pretrained CLIP weights overwrites all of this.
+    """
+    scale = vit.embed_dim ** -0.5
+    nn.init.normal_(vit.cls_token, std=scale)
+    nn.init.normal_(vit.pos_embed, std=scale)
+    for block in vit.blocks:
+        nn.init.xavier_uniform_(block.attn.qkv.weight)
+        nn.init.zeros_(block.attn.qkv.bias)
+        for linear in (block.attn.proj, block.mlp.fc1, block.mlp.fc2):
+            linear.reset_parameters()
 
 
 def convert_clip_state_dict(state_dict: dict[str, torch.Tensor], encoder: VisionEncoder) -> dict[str, torch.Tensor]:

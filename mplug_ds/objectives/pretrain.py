@@ -60,8 +60,12 @@ def mask_tokens(ids: torch.Tensor, probability: float, vocab_size: int) -> tuple
 
 
 def sample_negatives(sim: torch.Tensor) -> torch.Tensor:
-    """For each row, an index of a hard negative column sampled ∝ softmax(sim row), never the row's own index."""
-    weights = F.softmax(sim.float(), dim=1) + 1e-5
+    """For each row, an index of a hard negative column sampled ∝ softmax(sim row), never the row's own index.
+
+    Non-finite similarities (a diverging step) fall back to uniform weights so the step reaches the engine's
+    non-finite guard instead of failing inside ``torch.multinomial``.
+    """
+    weights = torch.nan_to_num(F.softmax(sim.float(), dim=1), nan=0.0, posinf=0.0) + 1e-5
     weights.fill_diagonal_(0)
     return torch.multinomial(weights, 1).squeeze(1)
 

@@ -103,7 +103,7 @@ def test_momentum_teacher_is_the_fp32_ema_of_the_master_weights(zero3_run):
 def test_zero3_with_activation_checkpointing_trains_like_zero2(zero3_run, zero2_run):
     """ZeRO-3 + per-block checkpointing (fusion run 3× per step) follows the ZeRO-2 run without checkpointing."""
     z3, z2 = step_losses(zero3_run), step_losses(zero2_run)
-    assert z3[1]["loss"] == pytest.approx(z2[1]["loss"], rel=1e-4)
+    assert z3[1]["loss"] == pytest.approx(z2[1]["loss"], rel=1e-3)  # same weights; bf16 reduction order differs
     for step in range(2, STEPS + 1):
         assert z3[step]["loss"] == pytest.approx(z2[step]["loss"], rel=2e-3), step
     model_cfg = load_model_config(zero3_run / "model_config.yaml")
@@ -124,7 +124,7 @@ def test_export_loads_into_a_plain_model(which, request, tmp_path):
     model = load_exported(export_dir)  # strict: no missing or unexpected keys
     online = consolidate(out / "checkpoints" / tag_for(STEPS), load_model_config(out / "model_config.yaml"))
     assert torch.equal(model.state_dict()["visual.vit.pos_embed"], online["visual.vit.pos_embed"])
-    assert model.temp.shape == torch.Size([])
+    assert torch.equal(model.temp, online["temp"])
 
 
 def test_zero1_on_demo_shards(tmp_path):
