@@ -99,10 +99,6 @@ def measure(args: argparse.Namespace, attn: str, world) -> dict:
         "mfu": tflops_per_device / peak if peak else None, "peak_memory_gb": peak_memory_gb(engine.device),
     }
     engine.destroy()
-    del trainer, engine, teacher, batch
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     return result
 
 
@@ -123,6 +119,9 @@ def main() -> None:
     world = prepare_world_env()
     results = [measure(args, args.attn, world)]
     if args.baseline_attn:
+        gc.collect()  # release the first engine before building the second
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         results.append(measure(args, args.baseline_attn, world))
     if world.rank != 0:
         return

@@ -15,7 +15,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from mplug_ds.data.pipeline import DataConfig, SourceConfig, build_loader
+from mplug_ds.data.data_config import DataConfig, SourceConfig
+from mplug_ds.data.pipeline import build_loader
 from mplug_ds.data.sample import Sample
 
 

@@ -14,7 +14,10 @@ import torch
 import torch.distributed as dist
 
 from mplug_ds.config import ConfigError
-from mplug_ds.data.pipeline import DataConfig, ShardLoader, SourceConfig, iter_samples, tokenize
+from mplug_ds.data.collate import tokenize
+from mplug_ds.data.data_config import DataConfig, SourceConfig
+from mplug_ds.data.pipeline import ShardLoader
+from mplug_ds.data.reading import iter_samples
 from mplug_ds.data.transforms import TestTransform, pre_caption
 from mplug_ds.engine.demo_data import DemoShards, demo_shards, prepare_demo_shards
 from mplug_ds.engine.evaluate import RetrievalSet

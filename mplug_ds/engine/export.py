@@ -19,8 +19,7 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from safetensors.torch import load_file, save_file
 
 from mplug_ds.config import to_dict
-from mplug_ds.engine.checkpoint import (COMPLETE, TEACHER_FILE, atomic_write_text, publish, resolve_resume,
-                                        temp_path)
+from mplug_ds.engine.checkpoint import COMPLETE, TEACHER_FILE, atomic_write_text, publish, resolve_resume, temp_path
 from mplug_ds.models.config import ModelConfig, load_model_config
 from mplug_ds.models.mplug import build_model
 

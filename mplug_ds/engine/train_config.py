@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from mplug_ds.config import load_config
-from mplug_ds.data.pipeline import DataConfig
+from mplug_ds.data.data_config import DataConfig
 
 Precision = Literal["bf16", "fp16", "fp32"]
 DataSource = Literal["demo", "shards", "synthetic"]

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import pytest
 from PIL import Image
 
-from mplug_ds.data.pipeline import DataErrors, iter_samples
+from mplug_ds.data.reading import DataErrors, iter_samples
 from mplug_ds.data.sample import Sample
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from shard_utils import caption_sample, jpeg_bytes, truncate, write_caption_shards, write_manifest, write_shard
 
 from mplug_ds.config import ConfigError, from_dict, load_config
-from mplug_ds.data.pipeline import (DataConfig, DataErrors, build_loader, collate_caption, iter_samples,
-                                    split_prefix)
+from mplug_ds.data.collate import collate_caption, split_prefix
+from mplug_ds.data.data_config import DataConfig
+from mplug_ds.data.pipeline import build_loader
+from mplug_ds.data.reading import DataErrors, iter_samples
 from mplug_ds.data.sample import Sample
 from mplug_ds.data.tokenizer import CLS_ID, PAD_ID, SEP_ID, get_tokenizer
-from shard_utils import (caption_sample, jpeg_bytes, truncate, write_caption_shards, write_manifest,
-                         write_shard)
 
 SMALL = {"image_res": 32, "patch_size": 16, "shuffle_buffer": 8, "shuffle_initial": 4}
 

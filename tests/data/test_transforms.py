@@ -8,9 +8,19 @@ import pytest
 import torch
 from PIL import Image
 
-from mplug_ds.data.transforms import (CLIP_MEAN, CLIP_STD, RandAugment, box_to_patch_labels, grounding_transform,
-                                      image_transform, pre_caption, pre_question, random_resized_crop_box,
-                                      region_transform, swap_left_right)
+from mplug_ds.data.transforms import (
+    CLIP_MEAN,
+    CLIP_STD,
+    RandAugment,
+    box_to_patch_labels,
+    grounding_transform,
+    image_transform,
+    pre_caption,
+    pre_question,
+    random_resized_crop_box,
+    region_transform,
+    swap_left_right,
+)
 
 
 def patches(labels: torch.Tensor) -> set[int]:

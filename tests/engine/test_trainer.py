@@ -10,8 +10,15 @@ import time
 import pytest
 import torch
 
-from mplug_ds.engine.checkpoint import (COMPLETE, LATEST, TEACHER_FILE, complete_checkpoints, latest_complete,
-                                        resolve_resume, tag_for)
+from mplug_ds.engine.checkpoint import (
+    COMPLETE,
+    LATEST,
+    TEACHER_FILE,
+    complete_checkpoints,
+    latest_complete,
+    resolve_resume,
+    tag_for,
+)
 from mplug_ds.engine.guards import NonFiniteLossError, StopRequest
 from mplug_ds.engine.launch_env import prepare_world_env
 from mplug_ds.engine.train_config import load_train_config

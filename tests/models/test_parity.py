@@ -28,8 +28,8 @@ def test_text_encoder_matches_transformers_bert_with_real_weights(minilm_dir):
 
 
 def test_vision_encoder_matches_open_clip():
-    from open_clip.transformer import VisionTransformer as OpenClipViT
     from open_clip.transformer import QuickGELU
+    from open_clip.transformer import VisionTransformer as OpenClipViT
 
     torch.manual_seed(0)
     reference = OpenClipViT(image_size=224, patch_size=32, width=96, layers=3, heads=4, mlp_ratio=4.0,

@@ -8,8 +8,18 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from mplug_ds.data.formats.common import (AnnotationError, MalformedRow, ReaderArgs, Skip, ann_name,
-                                          first_existing, load_json, need, rows_to_samples, safe_key)
+from mplug_ds.data.formats.common import (
+    AnnotationError,
+    MalformedRow,
+    ReaderArgs,
+    Skip,
+    ann_name,
+    first_existing,
+    load_json,
+    need,
+    rows_to_samples,
+    safe_key,
+)
 from mplug_ds.data.sample import Sample
 
 _COCO_FILE = re.compile(r"COCO_([A-Za-z]+\d{4})_\d+")

@@ -10,8 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator
 
-from mplug_ds.data.formats.common import (MalformedRow, ReaderArgs, Skip, first_existing, is_json_array,
-                                          iter_json_lines, load_json, need, rows_to_samples, safe_key)
+from mplug_ds.data.formats.common import (
+    MalformedRow,
+    ReaderArgs,
+    Skip,
+    first_existing,
+    is_json_array,
+    iter_json_lines,
+    load_json,
+    need,
+    rows_to_samples,
+    safe_key,
+)
 from mplug_ds.data.sample import Sample
 
 LABELS = {"False": 0, "True": 1}

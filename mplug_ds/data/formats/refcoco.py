@@ -11,8 +11,17 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from mplug_ds.data.formats.coco import coco_image_candidates
-from mplug_ds.data.formats.common import (AnnotationError, MalformedRow, ReaderArgs, Skip, first_existing,
-                                          load_json, need, safe_key, xywh_to_xyxy)
+from mplug_ds.data.formats.common import (
+    AnnotationError,
+    MalformedRow,
+    ReaderArgs,
+    Skip,
+    first_existing,
+    load_json,
+    need,
+    safe_key,
+    xywh_to_xyxy,
+)
 from mplug_ds.data.sample import Sample
 
 

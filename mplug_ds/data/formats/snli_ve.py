@@ -9,8 +9,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator
 
-from mplug_ds.data.formats.common import (MalformedRow, ReaderArgs, Skip, ann_name, first_existing,
-                                          is_json_array, iter_json_lines, load_json, need, rows_to_samples, safe_key)
+from mplug_ds.data.formats.common import (
+    MalformedRow,
+    ReaderArgs,
+    Skip,
+    ann_name,
+    first_existing,
+    is_json_array,
+    iter_json_lines,
+    load_json,
+    need,
+    rows_to_samples,
+    safe_key,
+)
 from mplug_ds.data.sample import Sample
 
 LABELS = {"contradiction": 0, "neutral": 1, "entailment": 2}

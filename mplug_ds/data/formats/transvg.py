@@ -12,8 +12,16 @@ import pickle
 from pathlib import Path
 from typing import Any, Iterator
 
-from mplug_ds.data.formats.common import (AnnotationError, MalformedRow, ReaderArgs, Skip, first_existing, need,
-                                          number_list, safe_key)
+from mplug_ds.data.formats.common import (
+    AnnotationError,
+    MalformedRow,
+    ReaderArgs,
+    Skip,
+    first_existing,
+    need,
+    number_list,
+    safe_key,
+)
 from mplug_ds.data.sample import Sample
 
 _XYWH_DATASETS = ("unc", "unc+", "gref", "gref_umd")

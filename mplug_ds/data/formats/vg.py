@@ -10,8 +10,17 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
 
-from mplug_ds.data.formats.common import (AnnotationError, MalformedRow, ReaderArgs, Skip, first_existing,
-                                          load_json, need, number_list, safe_key)
+from mplug_ds.data.formats.common import (
+    AnnotationError,
+    MalformedRow,
+    ReaderArgs,
+    Skip,
+    first_existing,
+    load_json,
+    need,
+    number_list,
+    safe_key,
+)
 from mplug_ds.data.sample import Sample
 
 _IMAGE_FOLDERS = ("VG_100K", "VG_100K_2", "image", "images", "")

@@ -11,8 +11,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
-from mplug_ds.data.formats.common import (AnnotationError, MalformedRow, ReaderArgs, Skip, load_json, need,
-                                          rows_to_samples, safe_key)
+from mplug_ds.data.formats.common import (
+    AnnotationError,
+    MalformedRow,
+    ReaderArgs,
+    Skip,
+    load_json,
+    need,
+    rows_to_samples,
+    safe_key,
+)
 from mplug_ds.data.sample import Sample
 
 SINGLE_ANSWER_WEIGHT = 0.5

@@ -10,8 +10,17 @@ from __future__ import annotations
 import json
 from typing import Any, Iterator
 
-from mplug_ds.data.formats.common import (FULL_IMAGE_BOX, MalformedRow, ReaderArgs, Skip, load_json, need, safe_key,
-                                          text_list, xywh_to_xyxy)
+from mplug_ds.data.formats.common import (
+    FULL_IMAGE_BOX,
+    MalformedRow,
+    ReaderArgs,
+    Skip,
+    load_json,
+    need,
+    safe_key,
+    text_list,
+    xywh_to_xyxy,
+)
 from mplug_ds.data.sample import Sample
 
 

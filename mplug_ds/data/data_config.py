@@ -1,0 +1,90 @@
+"""Configuration of a data stream: its shard sources and how samples are prepared and batched."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mplug_ds.data.reading import expand_urls
+from mplug_ds.data.sample import Task
+
+
+@dataclass
+class SourceConfig:
+    """One shard set: a brace URL pattern, its mixing weight and an optional manifest with sample counts."""
+
+    name: str
+    shards: str
+    weight: float = 1.0
+    manifest: str | None = None
+
+
+@dataclass
+class DataConfig:
+    """A training or evaluation stream (the ``data`` block of a pre-training or task config).
+
+    ``resampled`` streams draw shards with replacement and mix sources per sample by ``weight``; an epoch is
+    ``epoch_samples`` samples over all ranks (default: the manifests' total). Non-resampled streams read every
+    shard of every source once per epoch, split by rank then by worker (weights are not used).
+    """
+
+    sources: list[SourceConfig] = field(default_factory=list)
+    task: Task = "caption"
+    train: bool = True
+    resampled: bool = True
+    batch_size: int = 64
+    num_workers: int = 4
+    seed: int = 42
+    image_res: int = 256
+    patch_size: int = 16
+    scale_min: float = 0.2  # RandomResizedCrop lower scale: 0.2 pre-training, 0.5 fine-tuning
+    max_len: int = 30  # text tokens including [CLS] and [SEP]
+    max_words: int = 30
+    answer_max_len: int = 10
+    max_regions: int = 5
+    min_region_inside: float = 0.5
+    careful_flip: bool = False  # swap 'left'/'right' in region texts when the crop is flipped
+    shard_shuffle: bool = True
+    shuffle_buffer: int = 1000
+    shuffle_initial: int = 100
+    epoch_samples: int | None = None
+    drop_last: bool = True
+
+
+_COUNT_KEYS = ("samples", "num_samples", "count", "n")
+_NAME_KEYS = ("name", "path", "url", "file", "shard")
+
+
+def read_manifest(path: str | Path) -> dict[str, int]:
+    """Per-shard sample counts by shard file name, from ``{"shards": [{"name", "samples"}, ...]}`` or
+    ``{"<file>.tar": count}`` (OpenCLIP ``sizes.json``)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read the shard manifest ({err}); rewrite it with tools/make_shards.py") from err
+    entries = data.get("shards") if isinstance(data, dict) else None
+    if entries is None and isinstance(data, dict):
+        return {Path(k).name: int(v) for k, v in data.items() if isinstance(v, int)}
+    counts = {}
+    for i, entry in enumerate(entries or []):
+        name = next((entry[k] for k in _NAME_KEYS if k in entry), None)
+        count = next((entry[k] for k in _COUNT_KEYS if k in entry), None)
+        if name is None or not isinstance(count, int):
+            raise ValueError(f"{path}: shards[{i}] needs a name ({'/'.join(_NAME_KEYS)}) and an integer sample "
+                             f"count ({'/'.join(_COUNT_KEYS)}); got {entry!r}")
+        counts[Path(name).name] = count
+    return counts
+
+
+def source_size(source: SourceConfig) -> int:
+    """Number of samples in a source's shards according to its manifest."""
+    if source.manifest is None:
+        raise ValueError(f"source '{source.name}' has no manifest: set data.sources[].manifest to its "
+                         "manifest.json, or set data.epoch_samples")
+    counts = read_manifest(source.manifest)
+    missing = [u for u in expand_urls(source.shards) if Path(u).name not in counts]
+    if missing:
+        raise ValueError(f"{source.manifest}: no sample count for shard {missing[0]} of source '{source.name}'; "
+                         "regenerate the manifest or fix data.sources[].shards")
+    return sum(counts[Path(u).name] for u in expand_urls(source.shards))
