@@ -232,19 +232,20 @@ class ShardLoader:
         self.errors.load_state_dict(state["errors"])
 
 
-def check_config(cfg: DataConfig) -> None:
-    """Reject a data config that cannot work, naming the key and the fix."""
+def check_config(cfg: DataConfig, where: str = "data") -> None:
+    """Reject a data config that cannot work, naming the key (under ``where`` in the YAML) and the fix."""
     if not cfg.sources:
-        raise ValueError("data.sources is empty: list at least one {name, shards} source")
+        raise ValueError(f"{where}.sources is empty: list at least one {{name, shards}} source")
     for i, src in enumerate(cfg.sources):
         if not expand_urls(src.shards):
-            raise ValueError(f"data.sources[{i}].shards ('{src.shards}') expands to no shard")
+            raise ValueError(f"{where}.sources[{i}].shards ('{src.shards}') expands to no shard")
         if src.weight <= 0:
-            raise ValueError(f"data.sources[{i}].weight must be > 0, got {src.weight}")
+            raise ValueError(f"{where}.sources[{i}].weight must be > 0, got {src.weight}")
     if cfg.batch_size < 1:
-        raise ValueError(f"data.batch_size must be >= 1, got {cfg.batch_size}")
+        raise ValueError(f"{where}.batch_size must be >= 1, got {cfg.batch_size}")
     if cfg.image_res % cfg.patch_size:
-        raise ValueError(f"data.image_res ({cfg.image_res}) must be a multiple of data.patch_size ({cfg.patch_size})")
+        raise ValueError(f"{where}.image_res ({cfg.image_res}) must be a multiple of {where}.patch_size "
+                         f"({cfg.patch_size})")
 
 
 def build_loader(cfg: DataConfig, rank: int | None = None, world_size: int | None = None) -> ShardLoader:
