@@ -20,11 +20,11 @@ import time
 import torch
 
 from mplug_ds.engine.flops import TextLengths, device_peak_tflops, pretrain_flops_per_sample
-from mplug_ds.engine.launch_env import prepare_world_env
 from mplug_ds.engine.logging import peak_memory_gb
-from mplug_ds.engine.master_weights import master_weight_source
 from mplug_ds.engine.train_config import load_train_config
 from mplug_ds.engine.validate import validate
+from mplug_ds.runtime.launch_env import prepare_world_env
+from mplug_ds.runtime.master_weights import master_weight_source
 
 
 def parse_args() -> argparse.Namespace:

@@ -8,9 +8,9 @@ import sys
 from typing import TYPE_CHECKING, Sequence
 
 from mplug_ds.config import ConfigError
-from mplug_ds.engine.launch_env import WorldInfo, prepare_world_env
 from mplug_ds.engine.train_config import TrainConfig, load_train_config
 from mplug_ds.engine.validate import ResolvedRun, validate
+from mplug_ds.runtime.launch_env import WorldInfo, prepare_world_env
 
 if TYPE_CHECKING:
     from mplug_ds.engine.trainer import RunSummary

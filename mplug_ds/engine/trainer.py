@@ -21,21 +21,21 @@ import yaml
 from deepspeed.accelerator import get_accelerator
 
 from mplug_ds.config import to_dict
+from mplug_ds.data.streams import build_eval_set, build_train_stream
 from mplug_ds.engine.checkpoint import CheckpointManager, TrainState, atomic_write_text, resolve_resume
-from mplug_ds.engine.data_source import build_eval_set, build_train_stream
 from mplug_ds.engine.ds_config import offloads_optimizer
 from mplug_ds.engine.evaluate import zero_shot_retrieval
 from mplug_ds.engine.export import load_weights
-from mplug_ds.engine.guards import NonFiniteGuard, StopRequest
-from mplug_ds.engine.launch_env import WorldInfo
 from mplug_ds.engine.logging import RunLogger, peak_memory_gb
-from mplug_ds.engine.master_weights import master_weight_source
-from mplug_ds.engine.rng import rng_state, seed_everything, set_deterministic, set_rng_state
 from mplug_ds.engine.schedule import WarmupCosine, group_lr, param_groups
 from mplug_ds.engine.train_config import TrainConfig
 from mplug_ds.engine.validate import ResolvedRun
 from mplug_ds.models.mplug import build_model
 from mplug_ds.objectives.pretrain import PretrainModel
+from mplug_ds.runtime.guards import NonFiniteGuard, StopRequest
+from mplug_ds.runtime.launch_env import WorldInfo
+from mplug_ds.runtime.master_weights import master_weight_source
+from mplug_ds.runtime.rng import rng_state, seed_everything, set_deterministic, set_rng_state
 
 log = logging.getLogger("mplug_ds.train")
 

@@ -9,7 +9,7 @@ import torch
 
 from mplug_ds.config import ConfigError, from_dict
 from mplug_ds.data.pipeline import check_config
-from mplug_ds.engine.data_source import pipeline_config
+from mplug_ds.data.streams import pipeline_config
 from mplug_ds.engine.ds_config import build_ds_config
 from mplug_ds.engine.logging import check_report_to
 from mplug_ds.engine.train_config import TrainConfig

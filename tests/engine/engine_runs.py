@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mplug_ds.engine.launch_env import free_port
+from mplug_ds.runtime.launch_env import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 PRETRAIN = REPO / "launch" / "pretrain.py"

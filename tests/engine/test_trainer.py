@@ -19,11 +19,11 @@ from mplug_ds.engine.checkpoint import (
     resolve_resume,
     tag_for,
 )
-from mplug_ds.engine.guards import NonFiniteLossError, StopRequest
-from mplug_ds.engine.launch_env import prepare_world_env
 from mplug_ds.engine.train_config import load_train_config
 from mplug_ds.engine.trainer import Trainer
 from mplug_ds.engine.validate import validate
+from mplug_ds.runtime.guards import NonFiniteLossError, StopRequest
+from mplug_ds.runtime.launch_env import prepare_world_env
 from tests.engine.engine_runs import PRETRAIN, REPO, records, run_env, step_losses
 
 

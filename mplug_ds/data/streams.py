@@ -16,16 +16,16 @@ import torch.distributed as dist
 from mplug_ds.config import ConfigError
 from mplug_ds.data.collate import tokenize
 from mplug_ds.data.data_config import DataConfig, SourceConfig
+from mplug_ds.data.demo_shards import DemoShards, demo_shards, prepare_demo_shards
 from mplug_ds.data.pipeline import ShardLoader
 from mplug_ds.data.reading import iter_samples
+from mplug_ds.data.synthetic import SyntheticPretrainBatches
 from mplug_ds.data.transforms import TestTransform, pre_caption
-from mplug_ds.engine.demo_data import DemoShards, demo_shards, prepare_demo_shards
 from mplug_ds.engine.evaluate import RetrievalSet
-from mplug_ds.engine.guards import sigterm_blocked
-from mplug_ds.engine.launch_env import WorldInfo
-from mplug_ds.engine.synthetic_data import SyntheticPretrainBatches
 from mplug_ds.engine.train_config import TrainConfig
 from mplug_ds.models.config import ModelConfig
+from mplug_ds.runtime.guards import sigterm_blocked
+from mplug_ds.runtime.launch_env import WorldInfo
 
 Batch = dict[str, torch.Tensor]
 DERIVED_FIELDS = {"batch_size": "batch.micro_batch_per_gpu", "image_res": "model vision.image_size",

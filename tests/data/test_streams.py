@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from mplug_ds.config import ConfigError
-from mplug_ds.engine.data_source import EndlessShardBatches, build_eval_set, build_train_stream, pipeline_config
-from mplug_ds.engine.launch_env import WorldInfo
+from mplug_ds.data.streams import EndlessShardBatches, build_eval_set, build_train_stream, pipeline_config
 from mplug_ds.engine.train_config import load_train_config
 from mplug_ds.models.config import load_model_config
+from mplug_ds.runtime.launch_env import WorldInfo
 
 WORLD = WorldInfo(rank=0, local_rank=0, world_size=1)
 
