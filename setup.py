@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="mPLUG vision-language pre-training (with TiMix) and fine-tuning on DeepSpeed",
     packages=find_packages(include=["mplug_ds", "mplug_ds.*"]),
-    package_data={"mplug_ds": ["configs/**/*.yaml", "data/assets/**/*"]},
+    package_data={"mplug_ds": ["configs/**/*.yaml", "configs/**/*.json", "data/assets/**/*"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -24,21 +24,26 @@ class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the key and the fix."""
 
 
-def config_path(kind: str, name_or_path: str | Path) -> Path:
-    """Resolve ``name_or_path``: an existing file, or a config name under ``configs/<kind>/``."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") and path.exists():
+def config_path(kind: str, name_or_path: str | Path, suffix: str = ".yaml") -> Path:
+    """Resolve ``name_or_path``: an existing ``suffix`` file, or a built-in config name under ``configs/<kind>/``.
+
+    The one resolver for every config kind: ``models``, ``pretrain`` (YAML) and ``deepspeed`` (JSON templates).
+    """
+    path = Path(name_or_path).expanduser()
+    accepted = (".yaml", ".yml") if suffix == ".yaml" else (suffix,)
+    if path.suffix in accepted and path.is_file():
         return path
-    candidate = CONFIG_ROOT / kind / f"{name_or_path}.yaml"
-    if candidate.exists():
+    candidate = CONFIG_ROOT / kind / f"{name_or_path}{suffix}"
+    if candidate.is_file():
         return candidate
-    known = ", ".join(available_configs(kind))
-    raise ConfigError(f"no {kind} config named '{name_or_path}' (known: {known}; or pass a path to a .yaml file)")
+    known = ", ".join(available_configs(kind, suffix))
+    raise ConfigError(f"no {kind} config named '{name_or_path}' (built-in: {known}; or pass a path to a "
+                      f"{suffix} file)")
 
 
-def available_configs(kind: str) -> list[str]:
-    """Names of the built-in configs of one kind (``models``, ``pretrain``, ``tasks``)."""
-    return sorted(p.stem for p in (CONFIG_ROOT / kind).glob("*.yaml"))
+def available_configs(kind: str, suffix: str = ".yaml") -> list[str]:
+    """Names of the built-in configs of one kind (``models``, ``pretrain``, ``deepspeed``)."""
+    return sorted(p.stem for p in (CONFIG_ROOT / kind).glob(f"*{suffix}"))
 
 
 def read_yaml(kind: str, name_or_path: str | Path) -> dict[str, Any]:

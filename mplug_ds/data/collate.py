@@ -8,6 +8,7 @@ import torch
 import torch.utils.data
 from PIL import Image
 
+from mplug_ds.data.batch import CaptionBatch
 from mplug_ds.data.data_config import DataConfig
 from mplug_ds.data.sample import Sample
 from mplug_ds.data.tokenizer import get_tokenizer
@@ -117,12 +118,12 @@ def tokenize(texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor
     return enc["input_ids"], enc["attention_mask"]
 
 
-def collate_caption(items: list[dict[str, Any]], max_len: int = 30) -> dict[str, Any]:
-    """Pre-training batch: image, text_ids/mask, prefix_ids/mask, target_ids/mask (prefix-LM split)."""
-    batch: dict[str, Any] = {"keys": [it["key"] for it in items], "image": torch.stack([it["image"] for it in items])}
-    for name, field_name in (("text", "text"), ("prefix", "prefix"), ("target", "target")):
-        batch[f"{name}_ids"], batch[f"{name}_mask"] = tokenize([it[field_name] for it in items], max_len)
-    return batch
+def collate_caption(items: list[dict[str, Any]], max_len: int = 30) -> CaptionBatch:
+    """Pre-training batch from prepared items (``key``, ``image``, ``text``, ``prefix``, ``target`` strings)."""
+    ids = {name: tokenize([it[name] for it in items], max_len) for name in ("text", "prefix", "target")}
+    return CaptionBatch(keys=[it["key"] for it in items], image=torch.stack([it["image"] for it in items]),
+                        text_ids=ids["text"][0], text_mask=ids["text"][1], prefix_ids=ids["prefix"][0],
+                        prefix_mask=ids["prefix"][1], target_ids=ids["target"][0], target_mask=ids["target"][1])
 
 
 def collate_region(items: list[dict[str, Any]], max_len: int = 30) -> dict[str, Any]:

@@ -24,7 +24,6 @@ import hashlib
 import io
 import json
 import multiprocessing
-import os
 import re
 import sys
 import tarfile
@@ -39,6 +38,7 @@ from PIL import Image
 import mplug_ds
 from mplug_ds.data.formats.common import Skip
 from mplug_ds.data.sample import Sample
+from mplug_ds.runtime.atomic import atomic_path, atomic_write_text
 
 _WRITER_VERSION = 1  # part of every shard fingerprint: bump when the stored bytes of a sample change
 
@@ -213,33 +213,13 @@ def shard_members(sample: Sample) -> list[tuple[str, bytes]]:
 
 
 def _write_tar_atomic(path: Path, samples: list[Sample]) -> None:
-    temp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        with open(temp, "wb") as raw:
-            with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                for sample in samples:
-                    for name, data in shard_members(sample):
-                        info = tarfile.TarInfo(name)
-                        info.size, info.mode, info.mtime = len(data), 0o444, 0
-                        tar.addfile(info, io.BytesIO(data))
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a small text file under a temporary name, then rename it into place."""
-    temp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        with open(temp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
+    with atomic_path(path) as temp, open(temp, "wb") as raw:
+        with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for sample in samples:
+                for name, data in shard_members(sample):
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mode, info.mtime = len(data), 0o444, 0
+                    tar.addfile(info, io.BytesIO(data))
 
 
 def _fingerprint(batch: list[Sample], options: ShardOptions) -> str:
@@ -308,7 +288,7 @@ def write_shards(items: Iterable[Sample | Skip], options: ShardOptions) -> dict[
     out = options.out
     out.mkdir(parents=True, exist_ok=True)
     pattern = re.compile(re.escape(options.prefix) + r"-(\d{6})\.tar")
-    for stale in out.glob(f"{options.prefix}-*.tar.tmp*"):
+    for stale in out.glob(f".{options.prefix}-*.tar.*.tmp"):  # temporaries of a killed run
         stale.unlink(missing_ok=True)
     progress_path = out / f"{options.prefix}.progress.jsonl"
     done = _read_progress(progress_path)
@@ -368,7 +348,7 @@ def write_shards(items: Iterable[Sample | Skip], options: ShardOptions) -> dict[
         "tool": "tools/make_shards.py",
         "version": mplug_ds.__version__,
     }
-    write_text_atomic(out / "skipped.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in skipped))
-    write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(out / "skipped.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in skipped))
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     progress.update(0, f"{len(shards)} shards ({reused} kept from an earlier run)", len(skipped), final=True)
     return manifest

@@ -1,4 +1,4 @@
-"""Build the training batch stream and the held-out retrieval set named by ``TrainConfig.data``.
+"""Build the pre-training batch stream and the held-out retrieval set named by a ``DataSection``.
 
 A training stream is an endless iterator source: ``iter(stream)`` yields tensor batches forever, and
 ``state_dict()`` / ``load_state_dict()`` save and restore its position; ``epoch`` (when present) is the
@@ -7,13 +7,15 @@ data epoch the stream is in.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import torch
 import torch.distributed as dist
 
 from mplug_ds.config import ConfigError
+from mplug_ds.data.batch import Batch, RetrievalSet
 from mplug_ds.data.collate import tokenize
 from mplug_ds.data.data_config import DataConfig, SourceConfig
 from mplug_ds.data.demo_shards import DemoShards, demo_shards, prepare_demo_shards
@@ -21,22 +23,41 @@ from mplug_ds.data.pipeline import ShardLoader
 from mplug_ds.data.reading import iter_samples
 from mplug_ds.data.synthetic import SyntheticPretrainBatches
 from mplug_ds.data.transforms import TestTransform, pre_caption
-from mplug_ds.engine.evaluate import RetrievalSet
-from mplug_ds.engine.train_config import TrainConfig
-from mplug_ds.models.config import ModelConfig
 from mplug_ds.runtime.guards import sigterm_blocked
 from mplug_ds.runtime.launch_env import WorldInfo
 
-Batch = dict[str, torch.Tensor]
+DataSource = Literal["demo", "shards", "synthetic"]
 DERIVED_FIELDS = {"batch_size": "batch.micro_batch_per_gpu", "image_res": "model vision.image_size",
                   "patch_size": "model vision.patch_size", "max_len": "data.max_text_len"}
 
 
-def pipeline_config(cfg: TrainConfig, model: ModelConfig, sources: list[SourceConfig] | None = None) -> DataConfig:
-    """The shard pipeline's config with the engine-owned fields filled in (pre-training captions, training mode)."""
-    given, default = cfg.data.pipeline, DataConfig()
-    derived = {"batch_size": cfg.batch.micro_batch_per_gpu, "image_res": model.vision.image_size,
-               "patch_size": model.vision.patch_size, "max_len": cfg.data.max_text_len}
+@dataclass
+class DataSection:
+    """Where batches come from.
+
+    ``demo``: the built-in demo world, generated and sharded into ``cache_dir`` on first use.
+    ``shards``: WebDataset shards listed in ``pipeline.sources`` (written by ``tools/make_shards.py``);
+    ``eval_shards`` (optional caption shards) feed the end-of-run zero-shot retrieval.
+    ``synthetic``: random images with real-tokenizer captions generated in-process (benchmarks, engine tests).
+    ``pipeline`` is the shard pipeline's own config (sources, workers, shuffling, augmentation); its
+    ``batch_size``, ``image_res``, ``patch_size`` and ``max_len`` come from ``batch.micro_batch_per_gpu``, the
+    model and ``max_text_len``, so leave them unset.
+    """
+
+    source: DataSource = "demo"
+    max_text_len: int = 30  # text tokens including [CLS] and [SEP]
+    pipeline: DataConfig = field(default_factory=DataConfig)
+    eval_shards: str | None = None
+    cache_dir: str = "~/.cache/mplug_ds/demo"
+
+
+
+def pipeline_config(data: DataSection, batch_size: int, image_res: int, patch_size: int,
+                    sources: list[SourceConfig] | None = None) -> DataConfig:
+    """The shard pipeline's config with the run-owned fields filled in (pre-training captions, training mode)."""
+    given, default = data.pipeline, DataConfig()
+    derived = {"batch_size": batch_size, "image_res": image_res, "patch_size": patch_size,
+               "max_len": data.max_text_len}
     for name, value in derived.items():
         if getattr(given, name) not in (getattr(default, name), value):
             raise ConfigError(f"data.pipeline.{name}={getattr(given, name)} disagrees with {DERIVED_FIELDS[name]} "
@@ -85,9 +106,9 @@ def _tensors(batch: dict[str, Any]) -> Batch:
     return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
-def _demo(cfg: TrainConfig, world: WorldInfo) -> tuple[DemoShards, Path]:
+def _demo(cache_dir: str, world: WorldInfo) -> tuple[DemoShards, Path]:
     """Prepare the demo shards once per node (local rank 0), the other ranks wait for them."""
-    cache = Path(cfg.data.cache_dir).expanduser()
+    cache = Path(cache_dir).expanduser()
     if world.local_rank == 0:
         prepare_demo_shards(cache)
     if dist.is_initialized() and world.world_size > 1:
@@ -98,45 +119,43 @@ def _demo(cfg: TrainConfig, world: WorldInfo) -> tuple[DemoShards, Path]:
     return shards, cache
 
 
-def build_train_stream(cfg: TrainConfig, model: ModelConfig, world: WorldInfo
+def build_train_stream(data: DataSection, batch_size: int, image_res: int, patch_size: int, world: WorldInfo
                        ) -> SyntheticPretrainBatches | EndlessShardBatches:
-    """This rank's endless training stream."""
-    d = cfg.data
-    if d.source == "synthetic":
-        return SyntheticPretrainBatches(cfg.batch.micro_batch_per_gpu, model.vision.image_size, d.max_text_len,
-                                        d.pipeline.seed, world.rank)
+    """This rank's endless training stream of ``batch_size`` images at ``image_res`` (ViT ``patch_size``)."""
+    if data.source == "synthetic":
+        return SyntheticPretrainBatches(batch_size, image_res, data.max_text_len, data.pipeline.seed, world.rank)
     sources = None
-    if d.source == "demo":
-        shards, cache = _demo(cfg, world)
+    if data.source == "demo":
+        shards, cache = _demo(data.cache_dir, world)
         sources = [SourceConfig("demo", shards.train, manifest=str(cache / "shards" / "train" / "manifest.json"))]
-    loader = ShardLoader(pipeline_config(cfg, model, sources), world.rank, world.world_size)
+    loader = ShardLoader(pipeline_config(data, batch_size, image_res, patch_size, sources), world.rank,
+                         world.world_size)
     return EndlessShardBatches(loader)
 
 
-def build_eval_set(cfg: TrainConfig, model: ModelConfig, world: WorldInfo) -> RetrievalSet | None:
-    """The held-out retrieval pairs (every caption of up to ``eval.max_samples`` images), or ``None``."""
-    d, e = cfg.data, cfg.eval
-    if d.source == "synthetic":
-        stream = SyntheticPretrainBatches(e.batch_size, model.vision.image_size, d.max_text_len, d.pipeline.seed, 0)
-        return stream.retrieval_set(e.max_samples)
-    if d.source == "demo":
-        pattern = _demo(cfg, world)[0].test
-    elif d.eval_shards:
-        pattern = d.eval_shards
+def build_eval_set(data: DataSection, image_res: int, max_samples: int, world: WorldInfo) -> RetrievalSet | None:
+    """The held-out retrieval pairs (every caption of up to ``max_samples`` images), or ``None``."""
+    if data.source == "synthetic":
+        stream = SyntheticPretrainBatches(max_samples, image_res, data.max_text_len, data.pipeline.seed, 0)
+        return stream.retrieval_set(max_samples)
+    if data.source == "demo":
+        pattern = _demo(data.cache_dir, world)[0].test
+    elif data.eval_shards:
+        pattern = data.eval_shards
     else:
         return None
-    transform = TestTransform(model.vision.image_size)
+    transform = TestTransform(image_res)
     images, texts, owners = [], [], []
     for sample in iter_samples(pattern):
-        captions = [c for c in (pre_caption(t, d.pipeline.max_words) for t in sample.texts) if c]
+        captions = [c for c in (pre_caption(t, data.pipeline.max_words) for t in sample.texts) if c]
         if sample.image is None or not captions:
             continue
         texts += captions
         owners += [len(images)] * len(captions)
         images.append(transform(sample.image))
-        if len(images) >= e.max_samples:
+        if len(images) >= max_samples:
             break
     if not images:
         return None
-    ids, mask = tokenize(texts, d.max_text_len)
+    ids, mask = tokenize(texts, data.max_text_len)
     return RetrievalSet(torch.stack(images), ids, mask, torch.tensor(owners))

@@ -1,7 +1,8 @@
 """The ``synthetic`` data option: pre-training batches generated in-process, no files needed.
 
 Images are random pixels; captions are random sequences of real English words from the WordPiece vocabulary,
-tokenized with the real tokenizer into exactly the batch layout the shard pipeline produces. Batch ``i`` of
+split into prefix and target and collated by the shard pipeline's own ``collate_caption``, so a synthetic batch
+has exactly the layout and padding of a training batch (every text padded to ``max_text_len``). Batch ``i`` of
 rank ``r`` depends only on ``(seed, r, i)``, so the stream's position is a single integer and resuming is
 exact. Used for throughput benchmarks and for engine tests that do not need real data; its held-out
 "retrieval" pairs are random, so their recall is chance level (it exercises the evaluation path only).
@@ -13,10 +14,10 @@ from typing import Any, Iterator
 
 import torch
 
+from mplug_ds.data.batch import CaptionBatch, RetrievalSet
+from mplug_ds.data.collate import collate_caption
 from mplug_ds.data.tokenizer import get_tokenizer
-from mplug_ds.engine.evaluate import RetrievalSet
 
-Batch = dict[str, torch.Tensor]
 WORD_ID_RANGE = (2000, 8000)  # frequent whole words in the bert-base-uncased vocabulary
 PREFIX_FRACTION = 0.5  # share of caption words given to the decoder as prefix
 
@@ -38,30 +39,27 @@ class SyntheticPretrainBatches:
         self.rank = rank
         self.next_index = 0
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[CaptionBatch]:
         while True:
             batch = self.batch(self.next_index)
             self.next_index += 1
             yield batch
 
-    def batch(self, index: int) -> Batch:
+    def batch(self, index: int) -> CaptionBatch:
         """Batch number ``index`` of this rank (pure function of seed, rank and index)."""
         gen = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.rank) * 1_000_033 + index) % 2**62)
         words = _word_list()
-        captions, prefixes, targets = [], [], []
-        for _ in range(self.batch_size):
-            n = int(torch.randint(4, 13, (1,), generator=gen))
-            picks = torch.randint(len(words), (n,), generator=gen).tolist()
-            caption = [words[i] for i in picks]
-            cut = max(1, min(n - 1, round(n * PREFIX_FRACTION)))
-            captions.append(" ".join(caption))
-            prefixes.append(" ".join(caption[:cut]))
-            targets.append(" ".join(caption[cut:]))
         image = torch.rand(self.batch_size, 3, self.image_size, self.image_size, generator=gen) * 2 - 1
-        batch: Batch = {"image": image}
-        for field, texts in (("text", captions), ("prefix", prefixes), ("target", targets)):
-            ids, mask = self._tokenize(texts)
-            batch[f"{field}_ids"], batch[f"{field}_mask"] = ids, mask
+        items = []
+        for row in range(self.batch_size):
+            n = int(torch.randint(4, 13, (1,), generator=gen))
+            caption = [words[i] for i in torch.randint(len(words), (n,), generator=gen).tolist()]
+            cut = max(1, min(n - 1, round(n * PREFIX_FRACTION)))
+            items.append({"key": f"synthetic-{self.rank}-{index}-{row}", "image": image[row],
+                          "text": " ".join(caption), "prefix": " ".join(caption[:cut]),
+                          "target": " ".join(caption[cut:]) + " [SEP]"})  # as collate.split_prefix writes it
+        batch = collate_caption(items, self.max_text_len)
+        del batch["keys"]
         return batch
 
     def retrieval_set(self, num_pairs: int) -> RetrievalSet:
@@ -69,11 +67,6 @@ class SyntheticPretrainBatches:
         held_out = SyntheticPretrainBatches(num_pairs, self.image_size, self.max_text_len, self.seed, rank=-1)
         batch = held_out.batch(0)
         return RetrievalSet(batch["image"], batch["text_ids"], batch["text_mask"], torch.arange(num_pairs))
-
-    def _tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = get_tokenizer()(texts, padding="longest", truncation=True, max_length=self.max_text_len,
-                              return_tensors="pt")
-        return enc["input_ids"], enc["attention_mask"]
 
     def state_dict(self) -> dict[str, Any]:
         """The stream position."""

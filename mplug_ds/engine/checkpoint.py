@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from mplug_ds.distributed import get_rank, get_world_size, is_distributed
+from mplug_ds.runtime.atomic import atomic_torch_save, atomic_write_text
 
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 COMPLETE = "complete.json"
@@ -53,38 +52,6 @@ def tag_for(step: int) -> str:
 def rank_state_file(tag_dir: Path, rank: int) -> Path:
     """The per-rank client state file inside a tag directory."""
     return tag_dir / f"rank_{rank:05d}_state.pt"
-
-
-def temp_path(path: Path) -> str:
-    """A fresh temporary file next to ``path`` (same filesystem, so the final rename is atomic)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    return tmp
-
-
-def publish(tmp: str, path: Path) -> None:
-    """Give ``tmp`` the usual file permissions and rename it to ``path``."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same directory and a rename."""
-    tmp = temp_path(path)
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    publish(tmp, path)
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary name, then rename."""
-    tmp = temp_path(path)
-    torch.save(obj, tmp)
-    publish(tmp, path)
 
 
 def complete_checkpoints(directory: Path) -> list[tuple[int, Path]]:

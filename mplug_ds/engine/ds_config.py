@@ -1,4 +1,4 @@
-"""Build the DeepSpeed config dict from a ``ds_configs/*.json`` template and our ``TrainConfig``.
+"""Build the DeepSpeed config dict from a ``mplug_ds/configs/deepspeed/*.json`` template and the run config.
 
 Templates leave batch sizes, accumulation, clipping and precision as ``"auto"``; they are filled from the
 training config so the numbers can never disagree. A template value that is set explicitly must agree with
@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mplug_ds.config import ConfigError
+from mplug_ds.config import CONFIG_ROOT, ConfigError, config_path
 from mplug_ds.engine.train_config import TrainConfig
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+DS_CONFIG_DIR = CONFIG_ROOT / "deepspeed"  # shipped in the package; ds_configs/ at the repository root links here
 
 # Top-level keys DeepSpeed understands (a misspelt key would otherwise be silently ignored by DeepSpeed).
 KNOWN_KEYS = frozenset({
@@ -32,16 +32,11 @@ KNOWN_KEYS = frozenset({
 
 
 def resolve_ds_template(name_or_path: str) -> Path:
-    """A template path: an existing JSON file, or a name under ``ds_configs/`` (``zero1`` … ``zero3_offload``)."""
-    path = Path(name_or_path).expanduser()
-    if path.suffix == ".json" and path.exists():
-        return path
-    candidate = DS_CONFIG_DIR / f"{name_or_path}.json"
-    if candidate.exists():
-        return candidate
-    known = ", ".join(sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json")))
-    raise ConfigError(f"deepspeed.config: no DeepSpeed config '{name_or_path}' (built-in: {known}; "
-                      "or give a path to a .json file)")
+    """A template path: an existing JSON file, or a built-in name (``zero1`` … ``zero3_offload``)."""
+    try:
+        return config_path("deepspeed", name_or_path, suffix=".json")
+    except ConfigError as err:
+        raise ConfigError(f"deepspeed.config: {err}") from None
 
 
 def load_ds_template(name_or_path: str) -> tuple[Path, dict[str, Any]]:

@@ -1,22 +1,12 @@
 """End-of-run zero-shot image–text retrieval with the contrastive heads (R@1/R@5, both directions)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from mplug_ds.data.batch import RetrievalSet
 from mplug_ds.models.mplug import MPLUG
-
-
-@dataclass
-class RetrievalSet:
-    """Held-out pairs: ``images`` (N,3,R,R), ``text_ids``/``text_mask`` (M,L), and ``text_to_image`` (M,)."""
-
-    images: torch.Tensor
-    text_ids: torch.Tensor
-    text_mask: torch.Tensor
-    text_to_image: torch.Tensor
 
 
 def recall_at_k(sim: torch.Tensor, text_to_image: torch.Tensor, k: int) -> tuple[float, float]:

@@ -19,9 +19,10 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from safetensors.torch import load_file, save_file
 
 from mplug_ds.config import to_dict
-from mplug_ds.engine.checkpoint import COMPLETE, TEACHER_FILE, atomic_write_text, publish, resolve_resume, temp_path
+from mplug_ds.engine.checkpoint import COMPLETE, TEACHER_FILE, resolve_resume
 from mplug_ds.models.config import ModelConfig, load_model_config
 from mplug_ds.models.mplug import build_model
+from mplug_ds.runtime.atomic import atomic_path, atomic_write_text
 
 MODEL_PREFIX = "model."  # PretrainModel keeps the online MPLUG as ``.model``
 
@@ -99,6 +100,5 @@ def load_exported(out_dir: str | Path) -> torch.nn.Module:
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    tmp = temp_path(path)
-    save_file(tensors, tmp, metadata=metadata)
-    publish(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)

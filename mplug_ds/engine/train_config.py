@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from mplug_ds.config import load_config
-from mplug_ds.data.data_config import DataConfig
+from mplug_ds.data.streams import DataSection
 
 Precision = Literal["bf16", "fp16", "fp32"]
-DataSource = Literal["demo", "shards", "synthetic"]
 
 
 @dataclass
@@ -27,26 +26,6 @@ class ModelSection:
     def override_list(self) -> list[str]:
         """The overrides as ``key=value`` strings for ``load_model_config``."""
         return [f"{key}={_yaml_scalar(value)}" for key, value in _flatten(self.overrides)]
-
-
-@dataclass
-class DataSection:
-    """Where batches come from.
-
-    ``demo``: the built-in demo world, generated and sharded into ``cache_dir`` on first use.
-    ``shards``: WebDataset shards listed in ``pipeline.sources`` (written by ``tools/make_shards.py``);
-    ``eval_shards`` (optional caption shards) feed the end-of-run zero-shot retrieval.
-    ``synthetic``: random images with real-tokenizer captions generated in-process (benchmarks, engine tests).
-    ``pipeline`` is the shard pipeline's own config (sources, workers, shuffling, augmentation); its
-    ``batch_size``, ``image_res``, ``patch_size`` and ``max_len`` come from ``batch.micro_batch_per_gpu``, the
-    model and ``max_text_len``, so leave them unset.
-    """
-
-    source: DataSource = "demo"
-    max_text_len: int = 30  # text tokens including [CLS] and [SEP]
-    pipeline: DataConfig = field(default_factory=DataConfig)
-    eval_shards: str | None = None
-    cache_dir: str = "~/.cache/mplug_ds/demo"
 
 
 @dataclass
@@ -83,7 +62,7 @@ class ScheduleSection:
 
 @dataclass
 class DeepSpeedSection:
-    """Which ``ds_configs/*.json`` template to fill (name or path) and the numeric precision."""
+    """Which DeepSpeed JSON template to fill (``zero1``, ``zero2``, ``zero3``, ``zero3_offload`` or a path) and the precision."""
 
     config: str = "zero2"
     precision: Precision = "bf16"

@@ -22,7 +22,7 @@ from deepspeed.accelerator import get_accelerator
 
 from mplug_ds.config import to_dict
 from mplug_ds.data.streams import build_eval_set, build_train_stream
-from mplug_ds.engine.checkpoint import CheckpointManager, TrainState, atomic_write_text, resolve_resume
+from mplug_ds.engine.checkpoint import CheckpointManager, TrainState, resolve_resume
 from mplug_ds.engine.ds_config import offloads_optimizer
 from mplug_ds.engine.evaluate import zero_shot_retrieval
 from mplug_ds.engine.export import load_weights
@@ -32,6 +32,7 @@ from mplug_ds.engine.train_config import TrainConfig
 from mplug_ds.engine.validate import ResolvedRun
 from mplug_ds.models.mplug import build_model
 from mplug_ds.objectives.pretrain import PretrainModel
+from mplug_ds.runtime.atomic import atomic_write_text
 from mplug_ds.runtime.guards import NonFiniteGuard, StopRequest
 from mplug_ds.runtime.launch_env import WorldInfo
 from mplug_ds.runtime.master_weights import master_weight_source
@@ -85,7 +86,8 @@ class Trainer:
         self.state = TrainState()
         self.guard = NonFiniteGuard(cfg.run.max_nonfinite_steps)
         self.checkpoints = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last)
-        self.stream = build_train_stream(cfg, resolved.model, world)
+        self.stream = build_train_stream(cfg.data, cfg.batch.micro_batch_per_gpu, resolved.model.vision.image_size,
+                                         resolved.model.vision.patch_size, world)
         self.losses: list[float] = []
         self.last_checkpoint: Path | None = None
         self.logger = RunLogger(cfg.output_dir, world.rank, cfg.schedule.total_steps, cfg.logging.every_steps,
@@ -259,7 +261,8 @@ class Trainer:
     def _evaluate(self) -> dict[str, float]:
         if not self.cfg.eval.retrieval:
             return {}
-        eval_set = build_eval_set(self.cfg, self.resolved.model, self.world)
+        eval_set = build_eval_set(self.cfg.data, self.resolved.model.vision.image_size, self.cfg.eval.max_samples,
+                                  self.world)
         if eval_set is None:
             return {}
         metrics = zero_shot_retrieval(self.engine, self.pretrain.model, eval_set, self.cfg.eval.batch_size)

@@ -91,7 +91,8 @@ def validate(cfg: TrainConfig, world_size: int) -> ResolvedRun:
         raise ConfigError(f"model: {err}") from None
     if d.source == "shards":
         try:
-            check_config(pipeline_config(cfg, model), where="data.pipeline")
+            check_config(pipeline_config(cfg.data, cfg.batch.micro_batch_per_gpu, model.vision.image_size,
+                                         model.vision.patch_size), where="data.pipeline")
         except ValueError as err:
             raise ConfigError(str(err)) from None
     objective = from_dict(PretrainConfig, cfg.objective, "objective")

@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mplug_ds.data.batch import CaptionBatch as Batch
 from mplug_ds.data.tokenizer import CLS_ID, FIRST_WORD_ID, MASK_ID, PAD_ID, SEP_ID
 from mplug_ds.distributed import all_gather, all_gather_with_grad, get_rank
 from mplug_ds.models.momentum import MomentumTeacher
 from mplug_ds.models.mplug import MPLUG
 
-Batch = dict[str, torch.Tensor]
 
 
 @dataclass

@@ -1,38 +1,46 @@
-"""The engine's data sources over real demo shards: endless stream, exact position restore, held-out set."""
+"""The pre-training streams over real demo shards and synthetic data: endless, exact position restore, held-out set,
+and one batch layout (``CaptionBatch``) whatever the source."""
+import dataclasses
+
 import pytest
 import torch
 
 from mplug_ds.config import ConfigError
-from mplug_ds.data.streams import EndlessShardBatches, build_eval_set, build_train_stream, pipeline_config
+from mplug_ds.data.batch import CAPTION_TENSORS
+from mplug_ds.data.streams import (
+    DataSection,
+    EndlessShardBatches,
+    build_eval_set,
+    build_train_stream,
+    pipeline_config,
+)
+from mplug_ds.data.synthetic import SyntheticPretrainBatches
 from mplug_ds.engine.train_config import load_train_config
-from mplug_ds.models.config import load_model_config
 from mplug_ds.runtime.launch_env import WorldInfo
 
 WORLD = WorldInfo(rank=0, local_rank=0, world_size=1)
+RES, PATCH = 64, 16
 
 
 @pytest.fixture(scope="module")
-def demo_cfg(tmp_path_factory):
+def demo_data(tmp_path_factory):
     cache = tmp_path_factory.mktemp("demo_cache")
-    return load_train_config("demo", [f"data.cache_dir={cache}", "batch.micro_batch_per_gpu=8",
-                                      "eval.max_samples=12"])
+    return load_train_config("demo", [f"data.cache_dir={cache}"]).data  # the demo's own pipeline settings
 
 
-def test_demo_stream_restores_its_position_exactly(demo_cfg):
-    model = load_model_config("tiny")
-    stream = build_train_stream(demo_cfg, model, WORLD)
+def test_demo_stream_restores_its_position_exactly(demo_data):
+    stream = build_train_stream(demo_data, 8, RES, PATCH, WORLD)
     assert isinstance(stream, EndlessShardBatches)
     data = iter(stream)
     first = [next(data) for _ in range(3)]
-    assert set(first[0]) == {"image", "text_ids", "text_mask", "prefix_ids", "prefix_mask", "target_ids",
-                             "target_mask"}
-    assert first[0]["image"].shape == (8, 3, 64, 64)
+    assert set(first[0]) == set(CAPTION_TENSORS)
+    assert first[0]["image"].shape == (8, 3, RES, RES)
     state = stream.state_dict()
     torch.manual_seed(123)
     expected = [next(data) for _ in range(2)]
     after_expected = torch.rand(1)
 
-    restored = build_train_stream(demo_cfg, model, WORLD)
+    restored = build_train_stream(demo_data, 8, RES, PATCH, WORLD)
     restored.load_state_dict(state)
     torch.manual_seed(123)
     again = iter(restored)
@@ -42,15 +50,30 @@ def test_demo_stream_restores_its_position_exactly(demo_cfg):
     assert torch.equal(torch.rand(1), after_expected)  # starting the loader did not consume the training RNG
 
 
-def test_demo_held_out_set_pairs_every_caption_with_its_image(demo_cfg):
-    model = load_model_config("tiny")
-    held_out = build_eval_set(demo_cfg, model, WORLD)
-    assert held_out.images.shape == (12, 3, 64, 64)
+def test_demo_held_out_set_pairs_every_caption_with_its_image(demo_data):
+    held_out = build_eval_set(demo_data, RES, 12, WORLD)
+    assert held_out.images.shape == (12, 3, RES, RES)
     assert len(held_out.text_ids) == len(held_out.text_to_image) > 12
     assert sorted(set(held_out.text_to_image.tolist())) == list(range(12))
 
 
+@pytest.mark.parametrize("text_len", [30, 16])
+def test_synthetic_and_shard_batches_share_layout_and_padding(demo_data, text_len):
+    """``--text-len 30`` means 30 tokens per caption reach the model, as in a training batch from shards."""
+    synthetic = next(iter(SyntheticPretrainBatches(4, RES, text_len, seed=0, rank=0)))
+    demo = dataclasses.replace(demo_data, max_text_len=text_len)
+    shards = next(iter(build_train_stream(demo, 4, RES, PATCH, WORLD)))
+    for batch in (synthetic, shards):
+        assert set(batch) == set(CAPTION_TENSORS)
+        for field in ("text", "prefix", "target"):
+            assert batch[f"{field}_ids"].shape == batch[f"{field}_mask"].shape == (4, text_len)
+    lengths = synthetic["text_mask"].sum(dim=1)
+    assert lengths.max() < text_len  # the captions are shorter: the rest is padding, as in training
+    assert synthetic["target_ids"].gather(1, synthetic["target_mask"].sum(1, keepdim=True) - 2).eq(102).all()
+
+
 def test_pipeline_fields_owned_by_the_engine_must_not_disagree():
-    cfg = load_train_config("demo", ["data.pipeline.batch_size=3"])
+    data = DataSection()
+    data.pipeline.batch_size = 3
     with pytest.raises(ConfigError, match=r"data\.pipeline\.batch_size=3"):
-        pipeline_config(cfg, load_model_config("tiny"))
+        pipeline_config(data, 8, RES, PATCH)

@@ -2,11 +2,12 @@
 import pytest
 import torch
 
+from mplug_ds.data.collate import tokenize
 from mplug_ds.data.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID
 from mplug_ds.models.config import load_model_config
 from mplug_ds.models.mplug import build_model
 from mplug_ds.objectives.pretrain import PretrainConfig, PretrainModel, mask_tokens
-from tests.model_utils import pretrain_batch, tokenize
+from tests.model_utils import pretrain_batch
 
 NO_DROPOUT = ["text.hidden_dropout=0", "text.attn_dropout=0"]
 
