@@ -7,15 +7,20 @@
 
 Prints samples/s, step time, achieved TFLOP/s and MFU (FLOPs counted analytically from the config, see
 mplug_ds/engine/flops.py), and peak memory. ``--baseline-attn`` measures a second attention backend in the same
-run and prints the ratio. Batches are synthetic and resident on the device, so data loading is not measured
+run and prints the ratio. Each timed step is the trainer's own ``Trainer.optimizer_step`` (schedule, forward,
+non-finite guard, backward, optimizer step, momentum update, step record). Batches are synthetic, padded like
+training batches (``--text-len`` tokens per caption) and resident on the device, so data loading is not measured
 (tools/benchmark_data.py measures the loader).
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
+import tempfile
 import time
+from functools import partial
 
 import torch
 
@@ -23,8 +28,8 @@ from mplug_ds.engine.flops import TextLengths, device_peak_tflops, pretrain_flop
 from mplug_ds.engine.logging import peak_memory_gb
 from mplug_ds.engine.train_config import load_train_config
 from mplug_ds.engine.validate import validate
+from mplug_ds.runtime.guards import StopRequest
 from mplug_ds.runtime.launch_env import prepare_world_env
-from mplug_ds.runtime.master_weights import master_weight_source
 
 
 def parse_args() -> argparse.Namespace:
@@ -46,45 +51,46 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def measure(args: argparse.Namespace, attn: str, world) -> dict:
-    """Build the engine for one configuration and time ``args.steps`` optimizer steps."""
+def measure(args: argparse.Namespace, attn: str, world, out_dir: str) -> dict:
+    """Build the engine for one configuration and time ``args.steps`` optimizer steps of the trainer's own step."""
     from mplug_ds.engine.trainer import Trainer
+    from mplug_ds.objectives.pretrain_recipe import PretrainRecipe
 
     precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
     ds = "zero3_offload" if args.offload else f"zero{args.zero}"
+    total = args.warmup + args.steps + 1  # never the last step: no end-of-run progress line
     cfg = load_train_config("synthetic_tiny", [
         f"model.name={args.model}", f"model.overrides.attn_backend={attn}",
         f"model.overrides.grad_checkpointing={str(args.grad_checkpointing).lower()}",
         f"batch.micro_batch_per_gpu={args.batch}", "batch.grad_accum_steps=1", f"deepspeed.config={ds}",
-        f"deepspeed.precision={precision}", f"data.max_text_len={args.text_len}", "logging.report_to=[none]"])
+        f"deepspeed.precision={precision}", f"data.max_text_len={args.text_len}", "logging.report_to=[none]",
+        f"schedule.total_steps={total}", f"schedule.warmup_steps={min(2, total)}", f"logging.every_steps={total}",
+        "logging.progress_bar=false", f"run.output_dir={out_dir}"])
     resolved = validate(cfg, world.world_size)
-    trainer = Trainer(cfg, resolved, world)
-    engine, teacher = trainer.engine, trainer.teacher
-    batch = {k: v.to(engine.device) for k, v in next(iter(trainer.stream)).items()}
-    alpha = resolved.objective.alpha
+    trainer = Trainer(cfg, resolved, world, partial(PretrainRecipe, cfg, resolved))
+    engine = trainer.engine
+    batch = {k: v.to(engine.device) for k, v in next(iter(trainer.stream)).items()}  # resident: no copy per step
+    data = itertools.repeat(batch)
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
-
-    def step() -> None:
-        out = engine(batch, alpha=alpha)
-        engine.backward(out["loss"])
-        engine.step()
-        if teacher is not None:
-            teacher.update(master_weight_source())
-
-    for _ in range(args.warmup):
-        step()
-    sync()
-    if engine.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(engine.device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync()
-    elapsed = time.perf_counter() - start
+    stop = StopRequest()
+    try:
+        for _ in range(args.warmup):
+            trainer.optimizer_step(data, stop)
+        sync()
+        if engine.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(engine.device)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            trainer.optimizer_step(data, stop)
+        sync()
+        elapsed = time.perf_counter() - start
+    finally:
+        stop.restore()
+        trainer.logger.close()
 
     lengths = TextLengths(text=batch["text_ids"].shape[1], prefix=batch["prefix_ids"].shape[1],
                           target=batch["target_ids"].shape[1])
-    flops = pretrain_flops_per_sample(resolved.model, lengths, distill=teacher is not None,
+    flops = pretrain_flops_per_sample(resolved.model, lengths, distill=trainer.recipe.teacher is not None,
                                       mlm_probability=resolved.objective.mlm_probability)
     samples_per_s = args.batch * world.world_size * args.steps / elapsed
     tflops_per_device = flops * samples_per_s / world.world_size / 1e12
@@ -94,6 +100,7 @@ def measure(args: argparse.Namespace, attn: str, world) -> dict:
         "model": args.model, "attn": attn, "zero": 3 if args.offload else args.zero, "offload": args.offload,
         "precision": precision, "grad_checkpointing": args.grad_checkpointing, "batch_per_device": args.batch,
         "world_size": world.world_size, "device": device_name, "steps": args.steps,
+        "text_len": lengths.text, "skipped_batches": trainer.state.skipped_batches,
         "step_time_s": elapsed / args.steps, "samples_per_s": samples_per_s,
         "gflop_per_sample": flops / 1e9, "tflops_per_device": tflops_per_device,
         "mfu": tflops_per_device / peak if peak else None, "peak_memory_gb": peak_memory_gb(engine.device),
@@ -117,12 +124,13 @@ def report(result: dict, as_json: bool) -> str:
 def main() -> None:
     args = parse_args()
     world = prepare_world_env()
-    results = [measure(args, args.attn, world)]
-    if args.baseline_attn:
-        gc.collect()  # release the first engine before building the second
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        results.append(measure(args, args.baseline_attn, world))
+    with tempfile.TemporaryDirectory(prefix="mplug_ds-benchmark-") as out_dir:
+        results = [measure(args, args.attn, world, f"{out_dir}/{args.attn}")]
+        if args.baseline_attn:
+            gc.collect()  # release the first engine before building the second
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            results.append(measure(args, args.baseline_attn, world, f"{out_dir}/{args.baseline_attn}"))
     if world.rank != 0:
         return
     for result in results:

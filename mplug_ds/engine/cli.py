@@ -5,6 +5,7 @@ import argparse
 import logging
 import os
 import sys
+from functools import partial
 from typing import TYPE_CHECKING, Sequence
 
 from mplug_ds.config import ConfigError
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report-to", "--report_to", dest="report_to",
                         help="comma-separated: wandb,tensorboard,none (overrides logging.report_to)")
     parser.add_argument("--deepspeed_config", "--ds-config", dest="deepspeed_config",
-                        help="DeepSpeed JSON template (name in ds_configs/ or path); overrides deepspeed.config")
+                        help="DeepSpeed JSON template (zero1, zero2, zero3, zero3_offload, or a path); overrides deepspeed.config")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the deepspeed launcher (LOCAL_RANK is read from the environment)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the YAML config")
@@ -73,8 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(cfg: TrainConfig, resolved: ResolvedRun, world: WorldInfo) -> int:
     """Train and print the summary on rank 0."""
     from mplug_ds.engine.trainer import Trainer
+    from mplug_ds.objectives.pretrain_recipe import PretrainRecipe
 
-    summary = Trainer(cfg, resolved, world).train()
+    summary = Trainer(cfg, resolved, world, partial(PretrainRecipe, cfg, resolved)).train()
     if world.rank == 0:
         print(format_summary(summary), flush=True)
     return 0

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mplug_ds.config import CONFIG_ROOT, ConfigError, config_path
-from mplug_ds.engine.train_config import TrainConfig
+from mplug_ds.engine.train_config import EngineConfig
 
 DS_CONFIG_DIR = CONFIG_ROOT / "deepspeed"  # shipped in the package; ds_configs/ at the repository root links here
 
@@ -51,7 +51,7 @@ def load_ds_template(name_or_path: str) -> tuple[Path, dict[str, Any]]:
     return path, data
 
 
-def build_ds_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+def build_ds_config(cfg: EngineConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config for this run: template + batch geometry, clipping and precision from ``cfg``."""
     path, template = load_ds_template(cfg.deepspeed.config)
     unknown = sorted(set(template) - KNOWN_KEYS)

@@ -108,19 +108,15 @@ class RunSection:
 
 
 @dataclass
-class TrainConfig:
-    """Everything one pre-training run needs."""
+class EngineConfig:
+    """The sections the ``Trainer`` reads; every run config (pre-training, a fine-tuning task) extends it."""
 
-    model: ModelSection = field(default_factory=ModelSection)
-    objective: dict[str, Any] = field(default_factory=dict)  # fields of objectives.pretrain.PretrainConfig
-    data: DataSection = field(default_factory=DataSection)
     batch: BatchSection = field(default_factory=BatchSection)
     optim: OptimSection = field(default_factory=OptimSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
-    eval: EvalSection = field(default_factory=EvalSection)
     run: RunSection = field(default_factory=RunSection)
 
     @property
@@ -130,6 +126,16 @@ class TrainConfig:
     @property
     def checkpoint_dir(self) -> Path:
         return self.output_dir / "checkpoints"
+
+
+@dataclass
+class TrainConfig(EngineConfig):
+    """Everything one pre-training run needs: the engine sections plus model, objective, data and eval."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    objective: dict[str, Any] = field(default_factory=dict)  # fields of objectives.pretrain.PretrainConfig
+    data: DataSection = field(default_factory=DataSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
 
 def load_train_config(name_or_path: str | Path = "demo", overrides: Sequence[str] = ()) -> TrainConfig:

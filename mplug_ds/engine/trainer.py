@@ -1,8 +1,15 @@
-"""The pre-training loop on DeepSpeed: initialise, accumulate, step, EMA, schedule, guard, log, checkpoint.
+"""The training loop on DeepSpeed, for any ``Recipe``: initialise, accumulate, guard, step, schedule, log, checkpoint.
 
 One ``Trainer`` per process. Every rank runs the same sequence of collectives: one small all-reduce per
 micro-batch carries the losses, the non-finite flag and the stop (SIGTERM) flag, so all ranks skip, stop
 and checkpoint at the same step.
+
+Host synchronisations. Per micro-batch there is exactly one: the result of that all-reduce is copied to the host
+(``_agree``), because a batch with a non-finite loss must be skipped before its backward; the logged losses travel
+in the same copy. With more than one rank, the ranks also agree on pending stop requests before each fetch (one
+scalar all-reduce, ``_any_rank``). Everything else the loop reads on the host (learning rates, whether the step was
+applied, peak memory) is per optimizer step. ``optimizer_step`` is the one training step: ``tools/benchmark.py``
+times this same method.
 """
 from __future__ import annotations
 
@@ -12,7 +19,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import deepspeed
 import torch
@@ -21,26 +28,20 @@ import yaml
 from deepspeed.accelerator import get_accelerator
 
 from mplug_ds.config import to_dict
-from mplug_ds.data.streams import build_eval_set, build_train_stream
+from mplug_ds.data.batch import Batch
 from mplug_ds.engine.checkpoint import CheckpointManager, TrainState, resolve_resume
 from mplug_ds.engine.ds_config import offloads_optimizer
-from mplug_ds.engine.evaluate import zero_shot_retrieval
-from mplug_ds.engine.export import load_weights
 from mplug_ds.engine.logging import RunLogger, peak_memory_gb
+from mplug_ds.engine.recipe import Recipe
 from mplug_ds.engine.schedule import WarmupCosine, group_lr, param_groups
-from mplug_ds.engine.train_config import TrainConfig
-from mplug_ds.engine.validate import ResolvedRun
-from mplug_ds.models.mplug import build_model
-from mplug_ds.objectives.pretrain import PretrainModel
+from mplug_ds.engine.train_config import EngineConfig
+from mplug_ds.engine.validate import ResolvedEngine
 from mplug_ds.runtime.atomic import atomic_write_text
 from mplug_ds.runtime.guards import NonFiniteGuard, StopRequest
 from mplug_ds.runtime.launch_env import WorldInfo
-from mplug_ds.runtime.master_weights import master_weight_source
 from mplug_ds.runtime.rng import rng_state, seed_everything, set_deterministic, set_rng_state
 
 log = logging.getLogger("mplug_ds.train")
-
-LOSS_KEYS = ("loss", "loss_ita", "loss_itm", "loss_mlm", "loss_prefix")
 
 
 @dataclass
@@ -58,9 +59,13 @@ class RunSummary:
 
 
 class Trainer:
-    """Builds the model, DeepSpeed engine, data stream and bookkeeping for one run; ``train()`` runs it."""
+    """Builds the recipe, DeepSpeed engine, data stream and bookkeeping for one run; ``train()`` runs it.
 
-    def __init__(self, cfg: TrainConfig, resolved: ResolvedRun, world: WorldInfo) -> None:
+    ``make_recipe(world)`` builds the ``Recipe`` (see ``mplug_ds.engine.recipe``) once the ranks are seeded alike.
+    """
+
+    def __init__(self, cfg: EngineConfig, resolved: ResolvedEngine, world: WorldInfo,
+                 make_recipe: Callable[[WorldInfo], Recipe]) -> None:
         self.cfg, self.resolved, self.world = cfg, resolved, world
         set_deterministic(cfg.run.deterministic)
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
@@ -70,24 +75,18 @@ class Trainer:
         self.device = torch.device(accel.device_name(world.local_rank) if accel.device_name() == "cuda" else "cpu")
 
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
-        model = build_model(resolved.model)
-        if cfg.model.init_from:
-            load_weights(model, cfg.model.init_from)
-        self.pretrain = PretrainModel(model, resolved.objective)
+        self.recipe = make_recipe(world)
         optimizer = self._optimizer()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=self.pretrain, optimizer=optimizer, config=resolved.ds_config, dist_init_required=False)
-        self.teacher = self.pretrain.teacher
-        if self.teacher is not None:
-            self.teacher.to(self.engine.device)
+            model=self.recipe.module, optimizer=optimizer, config=resolved.ds_config, dist_init_required=False)
+        self.recipe.engine_ready(self.engine)
         seed_everything(cfg.run.seed + 1000 * world.rank + 1)  # per-rank dropout / masking / negatives
 
         self.schedule = WarmupCosine(cfg.schedule)
         self.state = TrainState()
         self.guard = NonFiniteGuard(cfg.run.max_nonfinite_steps)
         self.checkpoints = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last)
-        self.stream = build_train_stream(cfg.data, cfg.batch.micro_batch_per_gpu, resolved.model.vision.image_size,
-                                         resolved.model.vision.patch_size, world)
+        self.stream = self.recipe.train_stream()
         self.losses: list[float] = []
         self.last_checkpoint: Path | None = None
         self.logger = RunLogger(cfg.output_dir, world.rank, cfg.schedule.total_steps, cfg.logging.every_steps,
@@ -96,7 +95,7 @@ class Trainer:
 
     def _optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.optim
-        groups = param_groups(self.pretrain, o)
+        groups = param_groups(self.recipe.module, o)
         if offloads_optimizer(self.resolved.ds_config):
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -131,18 +130,18 @@ class Trainer:
             stop.restore()
             self.logger.close()
 
-    def resume_or_start(self) -> Iterator[dict[str, torch.Tensor]]:
+    def resume_or_start(self) -> Iterator[Batch]:
         """Restore the newest/asked-for checkpoint (``run.resume``) if any; returns the training batch iterator."""
         tag_dir = resolve_resume(self.cfg.run.resume, self.cfg.checkpoint_dir)
         if tag_dir is None:
             self.logger.event("start", world_size=self.world.world_size, ds_config=self.resolved.ds_config)
             return iter(self.stream)
-        state, rank_state, teacher = self.checkpoints.load(self.engine, tag_dir)
+        state, rank_state, extra = self.checkpoints.load(self.engine, tag_dir)
         self.state = state
-        if self.teacher is not None:
-            if teacher is None:
-                raise RuntimeError(f"{tag_dir} has no momentum teacher but objective.distill is on")
-            self.teacher.load_state_dict(teacher)
+        try:
+            self.recipe.load_extra_state(extra)
+        except RuntimeError as err:
+            raise RuntimeError(f"{tag_dir}: {err}") from None
         self.stream.load_state_dict(rank_state["data"])
         data = iter(self.stream)
         set_rng_state(rank_state["rng"])  # last: creating the data iterator may draw from the generators
@@ -151,17 +150,17 @@ class Trainer:
         self.logger.info(f"resumed from {tag_dir} at step {state.step} ({state.samples_seen} samples seen)")
         return data
 
-    def optimizer_step(self, data: Iterator[dict[str, torch.Tensor]], stop: StopRequest) -> bool:
+    def optimizer_step(self, data: Iterator[Batch], stop: StopRequest) -> bool:
         """Accumulate one optimizer step of finite micro-batches; returns True when a stop was requested.
 
         Before each batch is fetched the ranks agree on pending stop requests: a SIGTERM sent to the whole
         process group also kills the DataLoader workers, so no batch is fetched once a stop is known.
         """
-        cfg, engine = self.cfg, self.engine
+        cfg, engine, keys = self.cfg, self.engine, self.recipe.loss_keys
         accum = cfg.batch.grad_accum_steps
         self.schedule.apply(self.optimizer, self.state.step)
-        alpha = self._alpha()
-        sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64)
+        step_args = self.recipe.step_args(self.state.step)
+        sums = torch.zeros(len(keys), dtype=torch.float64)
         data_time = compute_time = 0.0
         started = time.perf_counter()
         good = 0
@@ -175,15 +174,15 @@ class Trainer:
             t0 = time.perf_counter()
             batch = {k: v.to(engine.device, non_blocking=True) for k, v in next(data).items()}
             t1 = time.perf_counter()
-            out = engine(batch, alpha=alpha)
+            out = engine(batch, **step_args)
             losses, nonfinite, stop_any = self._agree(out, stop.requested)
             stop_requested |= stop_any
             if self.guard.observe(not nonfinite):
                 self.state.skipped_batches += 1
                 self.logger.event("skipped_batch", step=self.state.step + 1,
-                                  **{k: float(v) for k, v in zip(LOSS_KEYS, losses)})
+                                  **{k: float(v) for k, v in zip(keys, losses)})
                 self.logger.info(f"warning: non-finite loss before step {self.state.step + 1} "
-                                 f"({', '.join(f'{k}={v:.4g}' for k, v in zip(LOSS_KEYS, losses.tolist()))}); "
+                                 f"({', '.join(f'{k}={v:.4g}' for k, v in zip(keys, losses.tolist()))}); "
                                  f"batch skipped ({self.guard.in_row} in a row)")
                 del out
                 data_time += t1 - t0
@@ -195,8 +194,8 @@ class Trainer:
             good += 1
             data_time += t1 - t0
             compute_time += time.perf_counter() - t1
-        if self.teacher is not None and engine.was_step_applied():
-            self.teacher.update(master_weight_source())
+        if engine.was_step_applied():
+            self.recipe.after_optimizer_step()
         global_batch = cfg.batch.micro_batch_per_gpu * accum * self.world.world_size
         self.state.step += 1
         self.state.samples_seen += global_batch
@@ -205,21 +204,25 @@ class Trainer:
         means = (sums / accum).tolist()
         self.losses.append(means[0])
         record = {"step": self.state.step, "epoch": self.state.epoch, "samples": self.state.samples_seen,
-                  **dict(zip(LOSS_KEYS, means)),
+                  **dict(zip(keys, means)),
                   "lr": group_lr(self.optimizer, visual=False), "visual_lr": group_lr(self.optimizer, visual=True),
-                  "alpha": alpha, "samples_per_s": global_batch / elapsed, "data_time": data_time,
+                  **step_args, "samples_per_s": global_batch / elapsed, "data_time": data_time,
                   "compute_time": compute_time, "peak_mem_gb": peak_memory_gb(self.device),
                   "overflow": not engine.was_step_applied()}
         self.logger.step(record)
         return stop_requested
 
     def _agree(self, out: dict[str, torch.Tensor], stop_local: bool) -> tuple[torch.Tensor, bool, bool]:
-        """All-reduce (mean losses, any non-finite, any stop request) across ranks in one collective."""
-        n = len(LOSS_KEYS)
-        values = torch.stack([out[k].detach() for k in LOSS_KEYS]).double()
-        flags = torch.tensor([0.0 if bool(torch.isfinite(values).all()) else 1.0, float(stop_local)],
-                             dtype=torch.float64, device=values.device)
-        packed = torch.cat([values, flags])
+        """All-reduce (mean losses, any non-finite, any stop request) across ranks in one collective.
+
+        The flags are computed on the device; the single host copy at the end is this micro-batch's one sync.
+        """
+        keys = self.recipe.loss_keys
+        n = len(keys)
+        values = torch.stack([out[k].detach() for k in keys]).double()
+        nonfinite = (~torch.isfinite(values)).any().double().reshape(1)
+        stop = torch.full((1,), float(stop_local), dtype=torch.float64, device=values.device)
+        packed = torch.cat([values, nonfinite, stop])
         if self.world.world_size > 1:
             dist.all_reduce(packed)
             packed[:n] /= self.world.world_size
@@ -234,16 +237,10 @@ class Trainer:
         dist.all_reduce(packed)
         return bool(packed.item() > 0)
 
-    def _alpha(self) -> float:
-        target = self.resolved.objective.alpha
-        ramp = self.cfg.schedule.alpha_warmup_steps
-        return target if ramp == 0 else target * min(1.0, self.state.step / ramp)
-
     # ------------------------------------------------------------------ checkpoints / outputs
     def _checkpoint(self) -> None:
         rank_state = {"rng": rng_state(), "data": self.stream.state_dict()}
-        teacher = self.teacher.state_dict() if self.teacher is not None else None
-        self.last_checkpoint = self.checkpoints.save(self.engine, self.state, rank_state, teacher)
+        self.last_checkpoint = self.checkpoints.save(self.engine, self.state, rank_state, self.recipe.extra_state())
         self.logger.event("checkpoint", step=self.state.step, path=str(self.last_checkpoint))
 
     def _saved_at_current_step(self) -> bool:
@@ -255,18 +252,14 @@ class Trainer:
         out = self.cfg.output_dir
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
-        atomic_write_text(out / "model_config.yaml", yaml.safe_dump(to_dict(self.resolved.model), sort_keys=False))
+        for name, section in self.recipe.saved_configs().items():
+            atomic_write_text(out / name, yaml.safe_dump(section, sort_keys=False))
         atomic_write_text(out / "ds_config.json", json.dumps(self.resolved.ds_config, indent=2))
 
     def _evaluate(self) -> dict[str, float]:
-        if not self.cfg.eval.retrieval:
-            return {}
-        eval_set = build_eval_set(self.cfg.data, self.resolved.model.vision.image_size, self.cfg.eval.max_samples,
-                                  self.world)
-        if eval_set is None:
-            return {}
-        metrics = zero_shot_retrieval(self.engine, self.pretrain.model, eval_set, self.cfg.eval.batch_size)
-        self.logger.event("eval", **metrics)
+        metrics = self.recipe.evaluate(self.engine)
+        if metrics:
+            self.logger.event("eval", **metrics)
         return metrics
 
     def _summary(self, retrieval: dict[str, float], stopped: bool) -> RunSummary:

@@ -12,22 +12,28 @@ from mplug_ds.data.pipeline import check_config
 from mplug_ds.data.streams import pipeline_config
 from mplug_ds.engine.ds_config import build_ds_config
 from mplug_ds.engine.logging import check_report_to
-from mplug_ds.engine.train_config import TrainConfig
+from mplug_ds.engine.train_config import EngineConfig, TrainConfig
 from mplug_ds.models.config import ModelConfig, load_model_config
 from mplug_ds.objectives.pretrain import PretrainConfig
 
 
 @dataclass
-class ResolvedRun:
-    """What validation produced: the DeepSpeed config and the model and objective configs."""
+class ResolvedEngine:
+    """What validating the engine sections produced: the DeepSpeed config and the metric sinks."""
 
     ds_config: dict[str, Any]
-    model: ModelConfig
-    objective: PretrainConfig
     report_to: list[str]
 
 
-def resolve_batch(cfg: TrainConfig, world_size: int) -> None:
+@dataclass
+class ResolvedRun(ResolvedEngine):
+    """A validated pre-training run: the engine's part plus the model and objective configs."""
+
+    model: ModelConfig
+    objective: PretrainConfig
+
+
+def resolve_batch(cfg: EngineConfig, world_size: int) -> None:
     """Check the batch geometry; ``batch.global_batch_size`` (if set) decides the accumulation steps."""
     b = cfg.batch
     for key in ("micro_batch_per_gpu", "grad_accum_steps"):
@@ -51,8 +57,8 @@ def resolve_batch(cfg: TrainConfig, world_size: int) -> None:
     b.grad_accum_steps = accum
 
 
-def validate(cfg: TrainConfig, world_size: int) -> ResolvedRun:
-    """Validate every section; fills derived values (accumulation steps) into ``cfg``."""
+def validate_engine(cfg: EngineConfig, world_size: int) -> ResolvedEngine:
+    """Validate the sections every run shares; fills derived values (accumulation steps) into ``cfg``."""
     resolve_batch(cfg, world_size)
     s = cfg.schedule
     if s.total_steps < 1:
@@ -76,6 +82,13 @@ def validate(cfg: TrainConfig, world_size: int) -> ResolvedRun:
     if cfg.deepspeed.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("deepspeed.precision=fp16 needs a CUDA device (DeepSpeed has no fp16 on CPU); "
                           "use bf16 or fp32")
+    report_to = check_report_to(cfg.logging.report_to)
+    return ResolvedEngine(ds_config=build_ds_config(cfg, world_size), report_to=report_to)
+
+
+def validate(cfg: TrainConfig, world_size: int) -> ResolvedRun:
+    """Validate a pre-training config completely (engine sections, data, model, objective)."""
+    engine = validate_engine(cfg, world_size)
     d = cfg.data
     if d.source == "shards" and not d.pipeline.sources:
         raise ConfigError("data.pipeline.sources is required when data.source=shards, e.g. "
@@ -96,6 +109,4 @@ def validate(cfg: TrainConfig, world_size: int) -> ResolvedRun:
         except ValueError as err:
             raise ConfigError(str(err)) from None
     objective = from_dict(PretrainConfig, cfg.objective, "objective")
-    report_to = check_report_to(cfg.logging.report_to)
-    ds = build_ds_config(cfg, world_size)
-    return ResolvedRun(ds_config=ds, model=model, objective=objective, report_to=report_to)
+    return ResolvedRun(ds_config=engine.ds_config, report_to=engine.report_to, model=model, objective=objective)

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from mplug_ds.engine.checkpoint import (
 from mplug_ds.engine.train_config import load_train_config
 from mplug_ds.engine.trainer import Trainer
 from mplug_ds.engine.validate import validate
+from mplug_ds.objectives.pretrain_recipe import PretrainRecipe
 from mplug_ds.runtime.guards import NonFiniteLossError, StopRequest
 from mplug_ds.runtime.launch_env import prepare_world_env
 from tests.engine.engine_runs import PRETRAIN, REPO, records, run_env, step_losses
@@ -45,13 +47,14 @@ def world():
 
 def _trainer(world, out, *overrides):
     cfg = load_train_config("synthetic_tiny", [f"run.output_dir={out}", "logging.progress_bar=false", *overrides])
-    return Trainer(cfg, validate(cfg, world.world_size), world)
+    resolved = validate(cfg, world.world_size)
+    return Trainer(cfg, resolved, world, partial(PretrainRecipe, cfg, resolved))
 
 
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_nonfinite_batch_is_skipped_and_repeated_ones_abort(world, tmp_path, zero):
     trainer = _trainer(world, tmp_path, "run.max_nonfinite_steps=3", f"deepspeed.config={zero}")
-    head = trainer.pretrain.model.itm_head.weight
+    head = trainer.recipe.module.model.itm_head.weight
     head = getattr(head, "ds_tensor", head)  # ZeRO-3 gathers the module weight from this (one rank: all of it)
     healthy = head.detach().clone()
 
@@ -66,14 +69,14 @@ def test_nonfinite_batch_is_skipped_and_repeated_ones_abort(world, tmp_path, zer
         while True:
             yield trainer.stream.batch(n_bad)
 
-    before = {n: p.detach().clone() for n, p in trainer.pretrain.model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in trainer.recipe.module.model.named_parameters()}
     trainer.optimizer_step(batches(1), StopRequest())
     assert trainer.state.step == 1 and trainer.state.skipped_batches == 1
     rows = records(tmp_path)
     assert [r["event"] for r in rows] == ["skipped_batch", "step"]
     assert rows[0]["loss_itm"] != rows[0]["loss_itm"]  # NaN was reported
     assert all(map(lambda v: v == v, [rows[1]["loss"], rows[1]["loss_itm"]]))
-    after = dict(trainer.pretrain.model.named_parameters())
+    after = dict(trainer.recipe.module.model.named_parameters())
     assert all(torch.isfinite(p).all() for p in after.values())
     assert any(not torch.equal(before[n], after[n]) for n in before)
 
@@ -98,12 +101,12 @@ def test_checkpoints_keep_last_n_and_resume_restores_state_bit_for_bit(world, tm
     second = _trainer(world, tmp_path, "schedule.total_steps=4", "run.resume=auto")
     data = second.resume_or_start()
     saved_teacher = torch.load(ckpts / tag_for(3) / TEACHER_FILE, weights_only=True)
-    restored = second.teacher.state_dict()
+    restored = second.recipe.teacher.state_dict()
     assert all(torch.equal(restored[k], saved_teacher[k]) for k in saved_teacher)
     assert (second.state.step, second.state.samples_seen) == (3, 3 * 4)
     assert second.stream.next_index == 3
-    online_first = dict(first.pretrain.model.named_parameters())
-    assert all(torch.equal(p, online_first[n]) for n, p in second.pretrain.model.named_parameters())
+    online_first = dict(first.recipe.module.model.named_parameters())
+    assert all(torch.equal(p, online_first[n]) for n, p in second.recipe.module.model.named_parameters())
     second.optimizer_step(data, StopRequest())
     assert second.state.step == 4
     second.logger.close()

@@ -1,0 +1,74 @@
+"""Pre-training as a ``Recipe``: the mPLUG model under the four objectives, its momentum teacher, the caption
+stream named by ``data`` and the end-of-run zero-shot retrieval."""
+from __future__ import annotations
+
+from typing import Any
+
+from mplug_ds.config import to_dict
+from mplug_ds.data.streams import build_eval_set, build_train_stream
+from mplug_ds.engine.evaluate import zero_shot_retrieval
+from mplug_ds.engine.export import load_weights
+from mplug_ds.engine.recipe import Recipe, TrainStream
+from mplug_ds.engine.train_config import TrainConfig
+from mplug_ds.engine.validate import ResolvedRun
+from mplug_ds.models.mplug import build_model
+from mplug_ds.objectives.pretrain import PretrainModel
+from mplug_ds.runtime.launch_env import WorldInfo
+from mplug_ds.runtime.master_weights import master_weight_source
+
+LOSS_KEYS = ("loss", "loss_ita", "loss_itm", "loss_mlm", "loss_prefix")
+
+
+class PretrainRecipe(Recipe):
+    """ITA + ITM + MLM + prefix LM with an fp32 momentum teacher outside the DeepSpeed module."""
+
+    loss_keys = LOSS_KEYS
+
+    def __init__(self, cfg: TrainConfig, resolved: ResolvedRun, world: WorldInfo) -> None:
+        self.cfg, self.resolved, self.world = cfg, resolved, world
+        model = build_model(resolved.model)
+        if cfg.model.init_from:
+            load_weights(model, cfg.model.init_from)
+        self.module = PretrainModel(model, resolved.objective)
+        self.teacher = self.module.teacher  # None without distillation
+
+    def train_stream(self) -> TrainStream:
+        v = self.resolved.model.vision
+        return build_train_stream(self.cfg.data, self.cfg.batch.micro_batch_per_gpu, v.image_size, v.patch_size,
+                                  self.world)
+
+    def step_args(self, step: int) -> dict[str, float]:
+        """The distillation weight, ramped linearly over ``schedule.alpha_warmup_steps``."""
+        target, ramp = self.resolved.objective.alpha, self.cfg.schedule.alpha_warmup_steps
+        return {"alpha": target if ramp == 0 else target * min(1.0, step / ramp)}
+
+    def engine_ready(self, engine: Any) -> None:
+        if self.teacher is not None:
+            self.teacher.to(engine.device)
+
+    def after_optimizer_step(self) -> None:
+        if self.teacher is not None:
+            self.teacher.update(master_weight_source())
+
+    def evaluate(self, engine: Any) -> dict[str, float]:
+        """Zero-shot retrieval on the held-out split (``eval.retrieval``); empty when there is none."""
+        e = self.cfg.eval
+        if not e.retrieval:
+            return {}
+        eval_set = build_eval_set(self.cfg.data, self.resolved.model.vision.image_size, e.max_samples, self.world)
+        if eval_set is None:
+            return {}
+        return zero_shot_retrieval(engine, self.module.model, eval_set, e.batch_size)
+
+    def extra_state(self) -> dict[str, Any] | None:
+        return self.teacher.state_dict() if self.teacher is not None else None
+
+    def load_extra_state(self, state: dict[str, Any] | None) -> None:
+        if self.teacher is None:
+            return
+        if state is None:
+            raise RuntimeError("the checkpoint has no momentum teacher but objective.distill is on")
+        self.teacher.load_state_dict(state)
+
+    def saved_configs(self) -> dict[str, dict[str, Any]]:
+        return {"model_config.yaml": to_dict(self.resolved.model)}
