@@ -1,4 +1,4 @@
-"""Activation checkpointing for one block, shared by the ViT, fusion and decoder stacks."""
+"""Activation checkpointing for one block, shared by the fusion and decoder stacks (the ViT uses timm's own)."""
 from __future__ import annotations
 
 from typing import Any, Callable

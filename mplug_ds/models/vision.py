@@ -1,8 +1,9 @@
 """CLIP ViT image tower (OpenAI layout) on timm's VisionTransformer.
 
-timm supplies the modules and OpenAI/open_clip weight conversion. We keep our own forward loop over its blocks
-for two things timm's forward does not offer: a hidden-state tap after block k (the TiMix patch predictor) and
-per-block activation checkpointing through ``run_block``. Attention goes through ``mplug_ds.models.attention``.
+timm supplies the modules, the forward (its public ``forward_features``, or ``forward_intermediates`` for the
+hidden-state tap after block k that the TiMix patch predictor reads), per-block activation checkpointing
+(``set_grad_checkpointing``) and OpenAI/open_clip weight conversion. Attention goes through
+``mplug_ds.models.attention``.
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import nn
 
 from mplug_ds.models.attention import attention
-from mplug_ds.models.checkpointing import run_block
 from mplug_ds.models.config import VisionConfig
 
 
@@ -43,7 +43,6 @@ class VisionEncoder(nn.Module):
     def __init__(self, cfg: VisionConfig, attn_backend: str = "sdpa", grad_checkpointing: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
-        self.grad_checkpointing = grad_checkpointing
         self.vit = VisionTransformer(
             img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.layers,
             num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, pre_norm=True, num_classes=0, global_pool="",
@@ -51,6 +50,7 @@ class VisionEncoder(nn.Module):
             attn_drop_rate=cfg.attn_dropout, attn_layer=ClipAttention.with_backend(attn_backend),
         )
         init_clip_weights(self.vit)
+        self.vit.set_grad_checkpointing(grad_checkpointing)  # each block recomputed in backward (non-reentrant)
 
     @property
     def num_patches(self) -> int:
@@ -59,15 +59,12 @@ class VisionEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor, tap_layer: int | None = None):
         """Encode images; with ``tap_layer=k`` also return the hidden states after block k (0-based)."""
-        vit = self.vit
-        x = vit.norm_pre(vit._pos_embed(vit.patch_embed(images.to(vit.pos_embed.dtype))))
-        tapped = None
-        for i, block in enumerate(vit.blocks):
-            x = run_block(block, x, enabled=self.grad_checkpointing)
-            if i == tap_layer:
-                tapped = x
-        x = vit.norm(x)
-        return (x, tapped) if tap_layer is not None else x
+        images = images.to(self.vit.pos_embed.dtype)
+        if tap_layer is None:
+            return self.vit.forward_features(images)
+        x, [(patches, prefix)] = self.vit.forward_intermediates(images, indices=[tap_layer], return_prefix_tokens=True,
+                                                               output_fmt="NLC")
+        return x, torch.cat([prefix, patches], dim=1)
 
 
 @torch.no_grad()

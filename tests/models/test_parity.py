@@ -48,6 +48,25 @@ def test_vision_encoder_matches_open_clip():
     assert (got[:, 0] @ reference.proj - pooled).abs().max() < 1e-4
 
 
+def test_vision_tap_and_activation_checkpointing_leave_the_numbers_unchanged():
+    """The tap after block k is block k's output (class token first); checkpointing changes neither outputs nor
+    gradients."""
+    torch.manual_seed(0)
+    cfg = VisionConfig(image_size=64, patch_size=16, width=64, layers=3, heads=4)
+    plain, recomputing = VisionEncoder(cfg), VisionEncoder(cfg, grad_checkpointing=True)
+    recomputing.load_state_dict(plain.state_dict())
+    images = torch.randn(2, 3, 64, 64)
+    out = plain(images)
+    tapped_out, tapped = plain(images, tap_layer=1)
+    vit = plain.vit
+    assert torch.equal(out, tapped_out) and tapped.shape == (2, 1 + 16, 64)
+    assert torch.allclose(vit.norm(vit.blocks[2](tapped)), out, atol=1e-5)  # the rest of the stack continues it
+    out.square().mean().backward()
+    recomputing(images).square().mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), recomputing.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+
+
 def test_positional_embedding_resize_keeps_class_row_and_interpolates_bilinearly():
     torch.manual_seed(0)
     pos = torch.randn(1, 1 + 16, 8)
