@@ -1,7 +1,8 @@
 """The batch types shared by every producer (collate, synthetic data, tests) and consumer (objectives, engine).
 
-Texts are tokenized ``[CLS] … [SEP]`` and padded with ``[PAD]`` to the configured length (``data.max_text_len``,
-``DataConfig.max_len``), never to the longest text in the batch, so every batch of a run has the same shapes.
+Texts are tokenized ``[CLS] … [SEP]``, truncated to the configured length (``data.max_text_len``,
+``DataConfig.max_len``) and padded with ``[PAD]`` to the longest text of the batch: text-side work follows the
+captions' real length (a typical caption is half the configured length), not the configured maximum.
 """
 import dataclasses
 

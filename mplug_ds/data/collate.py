@@ -113,8 +113,12 @@ class Preparer:
 
 
 def tokenize(texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[CLS] … [SEP]`` ids and attention mask, (len(texts), max_len) long, padded with [PAD]."""
-    enc = get_tokenizer()(texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
+    """``[CLS] … [SEP]`` ids and attention mask, truncated to ``max_len`` and padded with [PAD] to the longest text.
+
+    Padding to the batch's longest text rather than ``max_len`` keeps the text-side work proportional to the
+    captions (a typical caption is half of ``max_len`` long).
+    """
+    enc = get_tokenizer()(texts, padding="longest", truncation=True, max_length=max_len, return_tensors="pt")
     return enc["input_ids"], enc["attention_mask"]
 
 

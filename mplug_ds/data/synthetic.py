@@ -1,8 +1,10 @@
 """The ``synthetic`` data option: pre-training batches generated in-process, no files needed.
 
-Images are random pixels; captions are random sequences of real English words from the WordPiece vocabulary,
-split into prefix and target and collated by the shard pipeline's own ``collate_caption``, so a synthetic batch
-has exactly the layout and padding of a training batch (every text padded to ``max_text_len``). Batch ``i`` of
+Images are random pixels; captions are random sequences of real English words from the WordPiece vocabulary
+(one token each), split into prefix and target and collated by the shard pipeline's own ``collate_caption``, so a
+synthetic batch has exactly the layout and padding of a training batch. Every caption is ``max_text_len`` tokens
+long (``[CLS]`` and ``[SEP]`` included): the longest a training caption can be, so a benchmark at
+``--text-len 30`` measures 30 tokens per caption. Batch ``i`` of
 rank ``r`` depends only on ``(seed, r, i)``, so the stream's position is a single integer and resuming is
 exact. Used for throughput benchmarks and for engine tests that do not need real data; its held-out
 "retrieval" pairs are random, so their recall is chance level (it exercises the evaluation path only).
@@ -52,7 +54,7 @@ class SyntheticPretrainBatches:
         image = torch.rand(self.batch_size, 3, self.image_size, self.image_size, generator=gen) * 2 - 1
         items = []
         for row in range(self.batch_size):
-            n = int(torch.randint(4, 13, (1,), generator=gen))
+            n = self.max_text_len - 2  # words, each one token
             caption = [words[i] for i in torch.randint(len(words), (n,), generator=gen).tolist()]
             cut = max(1, min(n - 1, round(n * PREFIX_FRACTION)))
             items.append({"key": f"synthetic-{self.rank}-{index}-{row}", "image": image[row],

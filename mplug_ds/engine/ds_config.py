@@ -9,10 +9,13 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mplug_ds.config import CONFIG_ROOT, ConfigError, config_path
 from mplug_ds.engine.train_config import EngineConfig
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 DS_CONFIG_DIR = CONFIG_ROOT / "deepspeed"  # shipped in the package; ds_configs/ at the repository root links here
 
@@ -87,6 +90,9 @@ def build_ds_config(cfg: EngineConfig, world_size: int) -> dict[str, Any]:
         ds.pop("fp16")
     if precision != "bf16":
         ds.pop("bf16")
+    one_rank_zero = world_size == 1 and zero_stage(ds) in (1, 2) and not offloads_optimizer(ds)
+    if one_rank_zero and not cfg.deepspeed.zero_on_one_rank:
+        ds["zero_optimization"] = {"stage": 0}  # nothing to partition; see DeepSpeedSection
     return ds
 
 
@@ -99,6 +105,15 @@ def offloads_optimizer(ds: dict[str, Any]) -> bool:
     """True when the optimizer state lives on the CPU (DeepSpeed's CPU Adam is then used)."""
     device = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
     return device in ("cpu", "nvme")
+
+
+def skip_one_rank_allreduce(engine: DeepSpeedEngine) -> None:
+    """Skip DeepSpeed's stage-0 gradient all-reduce when the data-parallel world is one rank.
+
+    On one rank it is an identity that still flattens every gradient into a bucket and copies it back.
+    """
+    if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
+        engine.enable_backward_allreduce = False
 
 
 def _fill(ds: dict[str, Any], path: Path, key: str, value: Any) -> None:

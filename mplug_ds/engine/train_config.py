@@ -62,10 +62,15 @@ class ScheduleSection:
 
 @dataclass
 class DeepSpeedSection:
-    """Which DeepSpeed JSON template to fill (``zero1``, ``zero2``, ``zero3``, ``zero3_offload`` or a path) and the precision."""
+    """Which DeepSpeed JSON template to fill (``zero1``, ``zero2``, ``zero3``, ``zero3_offload`` or a path) and the precision.
+
+    ZeRO-1/2 partition nothing when the data-parallel world is one rank, but still pay for flat buffers, an extra
+    fp32 copy of the weights and gradient copies; such runs use stage 0 unless ``zero_on_one_rank`` is true.
+    """
 
     config: str = "zero2"
     precision: Precision = "bf16"
+    zero_on_one_rank: bool = False  # keep ZeRO-1/2 on a 1-rank run (default: stage 0, which is faster there)
 
 
 @dataclass

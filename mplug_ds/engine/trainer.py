@@ -30,7 +30,7 @@ from deepspeed.accelerator import get_accelerator
 from mplug_ds.config import to_dict
 from mplug_ds.data.batch import Batch
 from mplug_ds.engine.checkpoint import CheckpointManager, TrainState, resolve_resume
-from mplug_ds.engine.ds_config import offloads_optimizer
+from mplug_ds.engine.ds_config import offloads_optimizer, skip_one_rank_allreduce
 from mplug_ds.engine.logging import RunLogger, peak_memory_gb
 from mplug_ds.engine.recipe import Recipe
 from mplug_ds.engine.schedule import WarmupCosine, group_lr, param_groups
@@ -80,6 +80,7 @@ class Trainer:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.recipe.module, optimizer=optimizer, config=resolved.ds_config, dist_init_required=False)
         self.recipe.engine_ready(self.engine)
+        skip_one_rank_allreduce(self.engine)
         seed_everything(cfg.run.seed + 1000 * world.rank + 1)  # per-rank dropout / masking / negatives
 
         self.schedule = WarmupCosine(cfg.schedule)
@@ -100,7 +101,8 @@ class Trainer:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             return DeepSpeedCPUAdam(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, adamw_mode=True)
-        return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        # One fused kernel per parameter group (CPU and CUDA): no temporaries the size of the model.
+        return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)
 
     # ------------------------------------------------------------------ run
     def train(self) -> RunSummary:

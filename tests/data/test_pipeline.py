@@ -160,13 +160,18 @@ def test_caption_collate_ids_with_real_tokenizer():
     tok = get_tokenizer()
     words = tok.convert_tokens_to_ids("a dog on a couch".split())
     assert batch["image"].shape == (2, 3, 32, 32)
-    assert batch["text_ids"].shape == (2, 12) and batch["text_ids"].dtype == torch.long
-    assert batch["text_ids"][0].tolist() == [CLS_ID, *words, SEP_ID] + [PAD_ID] * 5
-    assert batch["prefix_ids"][0, :3].tolist() == [CLS_ID, SEP_ID, PAD_ID]
-    assert batch["target_ids"][0, :8].tolist() == [CLS_ID, *words, SEP_ID, SEP_ID]
-    assert batch["target_mask"][0].tolist() == [1] * 8 + [0] * 4
+    # padded to the batch's longest text (not to max_len)
+    assert batch["text_ids"].shape == (2, 7) and batch["text_ids"].dtype == torch.long
+    assert batch["text_ids"][0].tolist() == [CLS_ID, *words, SEP_ID]
+    assert batch["text_ids"][1].tolist() == [CLS_ID, *tok.convert_tokens_to_ids(["two", "cats"]), SEP_ID] + [PAD_ID] * 3
+    assert batch["prefix_ids"][0].tolist() == [CLS_ID, SEP_ID, PAD_ID]
+    assert batch["target_ids"][0].tolist() == [CLS_ID, *words, SEP_ID, SEP_ID]
+    assert batch["target_mask"][0].tolist() == [1] * 8
     cats = tok.convert_tokens_to_ids(["cats"])[0]
     assert batch["target_ids"][1, :4].tolist() == [CLS_ID, cats, SEP_ID, SEP_ID]
+    long = collate_caption([dict(items[0], text="one two three four five six seven eight nine ten eleven")],
+                           max_len=12)
+    assert long["text_ids"].shape == (1, 12) and long["text_ids"][0, -1].item() == SEP_ID  # truncated at max_len
 
 
 def test_caption_batches_from_shards_normalise_and_pick_one_caption(tmp_path):
@@ -198,11 +203,11 @@ def test_vqa_collate(tmp_path):
                       answers=["no"], answer_weights=[0.5])]
     batch = finetune_batch(tmp_path, "vqa", samples, train=False)
     tok = get_tokenizer()
-    assert batch["question_ids"].shape == (2, 30) and batch["question_id"] == [11, "q2"]
+    assert batch["question_ids"].shape == (2, 7) and batch["question_id"] == [11, "q2"]  # longest question
     assert tok.decode(batch["question_ids"][0][1:6]) == "what colour is the bus"
     assert batch["answer_counts"].tolist() == [2, 1]
     assert torch.allclose(batch["answer_weights"], torch.tensor([0.7, 0.3, 0.5]))
-    assert batch["answer_ids"].shape == (3, 10)
+    assert batch["answer_ids"].shape == (3, 5)  # [CLS] dark red [SEP] [SEP]
     assert batch["answer_ids"][2, :4].tolist() == [CLS_ID, tok.convert_tokens_to_ids("no"), SEP_ID, SEP_ID]
     assert batch["answers"] == [["red", "dark red"], ["no"]]
 
@@ -218,7 +223,7 @@ def test_grounding_nlvr2_ve_collates(tmp_path):
     assert not torch.equal(n["image0"], n["image1"])
     v = finetune_batch(tmp_path, "ve", [Sample(key="v", task="ve", image=jpeg_bytes(), texts=["A dog sleeps."],
                                                label=2)], train=False)
-    assert v["label"].tolist() == [2] and v["text_ids"].shape == (1, 30)
+    assert v["label"].tolist() == [2] and v["text_ids"].shape == (1, 5)
 
 
 def test_region_batch_patch_labels(tmp_path):

@@ -66,9 +66,10 @@ def test_synthetic_and_shard_batches_share_layout_and_padding(demo_data, text_le
     for batch in (synthetic, shards):
         assert set(batch) == set(CAPTION_TENSORS)
         for field in ("text", "prefix", "target"):
-            assert batch[f"{field}_ids"].shape == batch[f"{field}_mask"].shape == (4, text_len)
-    lengths = synthetic["text_mask"].sum(dim=1)
-    assert lengths.max() < text_len  # the captions are shorter: the rest is padding, as in training
+            ids, mask = batch[f"{field}_ids"], batch[f"{field}_mask"]
+            assert ids.shape == mask.shape and ids.shape[0] == 4
+            assert mask.sum(dim=1).max() == ids.shape[1] <= text_len  # padded to the longest text, as in training
+    assert synthetic["text_mask"].sum(dim=1).eq(text_len).all()  # every synthetic caption is text_len tokens
     assert synthetic["target_ids"].gather(1, synthetic["target_mask"].sum(1, keepdim=True) - 2).eq(102).all()
 
 
