@@ -18,6 +18,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -31,6 +32,7 @@ from mplug_ds.config import to_dict
 from mplug_ds.data.batch import Batch
 from mplug_ds.engine.checkpoint import CheckpointManager, TrainState, resolve_resume
 from mplug_ds.engine.ds_config import offloads_optimizer
+from mplug_ds.engine.failure import LauncherWatch
 from mplug_ds.engine.logging import RunLogger, peak_memory_gb
 from mplug_ds.engine.recipe import Recipe
 from mplug_ds.engine.schedule import WarmupCosine, group_lr, param_groups
@@ -68,7 +70,8 @@ class Trainer:
                  make_recipe: Callable[[WorldInfo], Recipe]) -> None:
         self.cfg, self.resolved, self.world = cfg, resolved, world
         set_deterministic(cfg.run.deterministic)
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                                   timeout=timedelta(seconds=cfg.run.collective_timeout_s))
         accel = get_accelerator()
         if accel.device_name() == "cuda":
             accel.set_device(world.local_rank)
@@ -108,6 +111,7 @@ class Trainer:
         cfg = self.cfg
         self._save_resolved_config()
         stop = StopRequest()
+        watch = LauncherWatch(stop.request)
         try:
             data = self.resume_or_start()
             stopped = False
@@ -119,7 +123,7 @@ class Trainer:
             if not stopped and cfg.checkpoint.save_final and not self._saved_at_current_step():
                 self._checkpoint()
             if stopped:
-                cause = f"received {stop.signal_name}" if stop.requested else "another rank received a stop signal"
+                cause = stop.cause if stop.requested else "another rank was asked to stop"
                 self.logger.info(f"{cause}: saved {self.last_checkpoint} at step {self.state.step}; "
                                  "resume with --resume auto")
             retrieval = {} if stopped else self._evaluate()
@@ -127,6 +131,7 @@ class Trainer:
             self.logger.event("summary", **dataclasses.asdict(summary))
             return summary
         finally:
+            watch.stop()
             stop.restore()
             self.logger.close()
 
