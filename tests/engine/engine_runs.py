@@ -10,6 +10,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from mplug_ds.runtime.launch_env import free_port
 
@@ -73,12 +74,13 @@ class Ended:
 
 
 def run_until_all_exit(command: list[str], limit: float = 60.0, mark: str | None = None, fault: str | None = None,
-                       startup: float = 300.0) -> Ended:
+                       startup: float = 300.0, on_mark: Callable[[subprocess.Popen], None] | None = None) -> Ended:
     """Run in a new process group and wait until every process in it has exited.
 
     Fails when that takes more than ``limit`` seconds after ``mark`` first appears in the output (from the
     start without a mark; the mark itself may take ``startup`` seconds). ``fault`` sets ``MPLUG_DS_FAULT`` and
-    puts ``tests/engine/faults`` first on the ranks' path. The whole group is SIGKILLed on the way out.
+    puts ``tests/engine/faults`` first on the ranks' path; ``on_mark(proc)`` runs once the mark is seen. The whole
+    group is SIGKILLed on the way out.
     """
     env = run_env()
     if fault:
@@ -98,8 +100,12 @@ def run_until_all_exit(command: list[str], limit: float = 60.0, mark: str | None
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
+    acted = False
     try:
         while True:
+            if marked and on_mark is not None and not acted:
+                on_mark(proc)
+                acted = True
             proc.poll()
             if not group_alive(proc.pid):
                 break

@@ -4,10 +4,14 @@ Each test runs ``launch/pretrain.py`` over real WebDataset shards with a DataLoa
 block SIGTERM, which used to keep a failed rank alive forever) and asserts that the whole process group is gone
 within 60 s of the first traceback. Disk-full and transform failures are injected by tests/engine/faults.
 """
+import os
+import signal
+
 import pytest
 
+from mplug_ds.engine.checkpoint import latest_complete, tag_for
 from tests.data.shard_utils import write_caption_shards, write_manifest
-from tests.engine.engine_runs import deepspeed_command, run_until_all_exit
+from tests.engine.engine_runs import deepspeed_command, records, run_until_all_exit, step_losses
 
 LIMIT = 60.0
 
@@ -46,3 +50,18 @@ def test_missing_shard_files_end_every_rank_before_work(tmp_path):
     assert ended.code != 0
     assert f"{tmp_path}/gone-000000.tar" in ended.output and "data.pipeline.sources[0].shards" in ended.output
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_alone_stops_every_rank_with_a_checkpoint(tmp_path):
+    """A scheduler or Ctrl-C often signals only the ``deepspeed`` process, which forwards nothing on one node."""
+    out = tmp_path / "run"
+    command = deepspeed_command(out, shard_args(tmp_path) + ["logging.every_steps=1"])
+    ended = run_until_all_exit(command, LIMIT, mark="step 2/1000",
+                               on_mark=lambda proc: os.kill(proc.pid, signal.SIGTERM))
+    assert ended.output.count("exits successfully") == 2, ended.output[-4000:]  # deepspeed's per-node launcher
+    last_step = max(step_losses(out))
+    assert latest_complete(out / "checkpoints") == out / "checkpoints" / tag_for(last_step)
+    summary = [r for r in records(out) if r["event"] == "summary"][-1]
+    assert summary["stopped_by_signal"] is True and summary["steps"] == last_step
+    assert "launcher" in ended.output and "resume with --resume auto" in ended.output
