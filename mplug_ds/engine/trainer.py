@@ -88,7 +88,8 @@ class Trainer:
         self.schedule = WarmupCosine(cfg.schedule)
         self.state = TrainState()
         self.guard = NonFiniteGuard(cfg.run.max_nonfinite_steps)
-        self.checkpoints = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last)
+        self.checkpoints = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last,
+                                             cfg.checkpoint.trust_pickles)
         self.stream = self.recipe.train_stream()
         self.losses: list[float] = []
         self.last_checkpoint: Path | None = None

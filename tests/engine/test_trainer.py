@@ -25,24 +25,7 @@ from mplug_ds.engine.trainer import Trainer
 from mplug_ds.engine.validate import validate
 from mplug_ds.objectives.pretrain_recipe import PretrainRecipe
 from mplug_ds.runtime.guards import NonFiniteLossError, StopRequest
-from mplug_ds.runtime.launch_env import prepare_world_env
 from tests.engine.engine_runs import PRETRAIN, REPO, records, run_env, step_losses
-
-
-@pytest.fixture(scope="module")
-def world():
-    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    if saved["RANK"] is None:
-        for key in saved:
-            os.environ.pop(key, None)
-    yield prepare_world_env()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 def _trainer(world, out, *overrides):
