@@ -17,7 +17,7 @@ import torch.distributed as dist
 from mplug_ds.config import ConfigError
 from mplug_ds.data.batch import Batch, RetrievalSet
 from mplug_ds.data.collate import tokenize
-from mplug_ds.data.data_config import DataConfig, SourceConfig
+from mplug_ds.data.data_config import DataConfig, SourceConfig, image_limits
 from mplug_ds.data.demo_shards import DemoShards, demo_shards, prepare_demo_shards
 from mplug_ds.data.pipeline import ShardLoader
 from mplug_ds.data.reading import iter_samples
@@ -146,7 +146,7 @@ def build_eval_set(data: DataSection, image_res: int, max_samples: int, world: W
         return None
     transform = TestTransform(image_res)
     images, texts, owners = [], [], []
-    for sample in iter_samples(pattern):
+    for sample in iter_samples(pattern, limits=image_limits(data.pipeline)):
         captions = [c for c in (pre_caption(t, data.pipeline.max_words) for t in sample.texts) if c]
         if sample.image is None or not captions:
             continue
