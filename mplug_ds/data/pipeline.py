@@ -245,10 +245,17 @@ def check_config(cfg: DataConfig, where: str = "data") -> None:
     if not cfg.sources:
         raise ValueError(f"{where}.sources is empty: list at least one {{name, shards}} source")
     for i, src in enumerate(cfg.sources):
-        if not expand_urls(src.shards):
-            raise ValueError(f"{where}.sources[{i}].shards ('{src.shards}') expands to no shard")
+        check_shard_files(src.shards, f"{where}.sources[{i}].shards")
         if src.weight <= 0:
             raise ValueError(f"{where}.sources[{i}].weight must be > 0, got {src.weight}")
+        if src.manifest is not None and not Path(src.manifest).expanduser().is_file():
+            raise ValueError(f"{where}.sources[{i}].manifest: {src.manifest} does not exist; point it at the "
+                             "manifest.json that tools/make_shards.py wrote beside the shards, or remove it")
+        if src.manifest is not None or (cfg.resampled and cfg.epoch_samples is None):
+            try:
+                source_size(src)
+            except ValueError as err:
+                raise ValueError(f"{where}.sources[{i}]: {err}") from None
     if cfg.batch_size < 1:
         raise ValueError(f"{where}.batch_size must be >= 1, got {cfg.batch_size}")
     if cfg.num_workers < 0:
@@ -259,6 +266,18 @@ def check_config(cfg: DataConfig, where: str = "data") -> None:
     if cfg.image_res % cfg.patch_size:
         raise ValueError(f"{where}.image_res ({cfg.image_res}) must be a multiple of {where}.patch_size "
                          f"({cfg.patch_size})")
+
+
+def check_shard_files(shards: str, key: str) -> None:
+    """The pattern ``shards`` expands to at least one shard, and every local one exists (URLs are not probed)."""
+    urls = expand_urls(shards)
+    if not urls:
+        raise ValueError(f"{key} ('{shards}') expands to no shard; give a brace pattern like "
+                         "'/data/cc3m/{000000..000331}.tar' or a glob matching existing files")
+    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).expanduser().is_file()]
+    if missing:
+        raise ValueError(f"{key}: shard file {missing[0]} does not exist ({len(missing)} of {len(urls)} missing); "
+                         "fix the pattern or write the shards with tools/make_shards.py")
 
 
 def build_loader(cfg: DataConfig, rank: int | None = None, world_size: int | None = None) -> ShardLoader:
