@@ -52,6 +52,7 @@ class DataConfig:
     # Larger or more elongated images are skipped and counted like corrupt samples (checked before decoding).
     max_image_pixels: int = 40_000_000
     max_image_aspect: float = 20.0
+    warn_skipped_fraction: float = 0.01  # warn loudly once a source skipped more than this share of samples read
 
 
 def image_limits(cfg: DataConfig) -> ImageLimits:

@@ -260,6 +260,8 @@ def check_config(cfg: DataConfig, where: str = "data") -> None:
         raise ValueError(f"{where}.batch_size must be >= 1, got {cfg.batch_size}")
     if cfg.num_workers < 0:
         raise ValueError(f"{where}.num_workers must be >= 0 (0 reads in the training process), got {cfg.num_workers}")
+    if not 0.0 <= cfg.warn_skipped_fraction <= 1.0:
+        raise ValueError(f"{where}.warn_skipped_fraction must be between 0 and 1, got {cfg.warn_skipped_fraction}")
     if cfg.max_image_pixels < 1 or cfg.max_image_aspect < 1:
         raise ValueError(f"{where}.max_image_pixels must be >= 1 and {where}.max_image_aspect >= 1, got "
                          f"{cfg.max_image_pixels} and {cfg.max_image_aspect}")

@@ -9,6 +9,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Sequence
 
 from mplug_ds.config import ConfigError
+from mplug_ds.engine.data_health import format_skipped
 from mplug_ds.engine.failure import exit_hard_on_failure
 from mplug_ds.engine.train_config import TrainConfig, load_train_config
 from mplug_ds.engine.validate import ResolvedRun, validate
@@ -99,6 +100,10 @@ def format_summary(summary: RunSummary) -> str:
         lines.append(f"zero-shot retrieval on held-out split ({int(r['num_images'])} images): "
                      f"image->text R@1 {r['i2t_r1']:.3f}, text->image R@1 {r['t2i_r1']:.3f} "
                      f"(R@5 {r['i2t_r5']:.3f} / {r['t2i_r5']:.3f})")
+    if summary.skipped_samples:
+        lines.append(f"samples skipped (corrupt, unreadable or oversized; skipped/read per source): "
+                     f"{format_skipped(summary.skipped_samples)}")
+    lines += summary.warnings
     if summary.skipped_batches:
         lines.append(f"batches skipped for non-finite loss: {summary.skipped_batches}")
     if summary.stopped_by_signal:

@@ -60,10 +60,15 @@ def format_progress(record: dict[str, Any], total_steps: int) -> str:
     """One progress line: step, each loss, learning rates, throughput, data wait vs compute, peak memory."""
     losses = " ".join(f"{k.removeprefix('loss_') if k != 'loss' else 'loss'} {v:.4f}"
                       for k, v in record.items() if k.startswith("loss"))
+    skipped = record.get("skipped", {})
+    skipped_part = ""
+    if any(e["corrupt_samples"] or e["damaged_shards"] for e in skipped.values()):
+        skipped_part = " | skipped " + ", ".join(f"{name} {e['corrupt_samples']}/{e['read']}"
+                                                for name, e in skipped.items())
     return (f"step {record['step']}/{total_steps} epoch {record['epoch']} | {losses} | "
             f"lr {record['lr']:.2e} visual_lr {record['visual_lr']:.2e} | {record['samples_per_s']:.1f} samples/s | "
             f"data {record['data_time']:.3f}s compute {record['compute_time']:.3f}s | "
-            f"peak mem {record['peak_mem_gb']:.2f} GB")
+            f"peak mem {record['peak_mem_gb']:.2f} GB{skipped_part}")
 
 
 class RunLogger:

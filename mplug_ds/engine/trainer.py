@@ -31,6 +31,7 @@ from deepspeed.accelerator import get_accelerator
 from mplug_ds.config import to_dict
 from mplug_ds.data.batch import Batch
 from mplug_ds.engine.checkpoint import CheckpointManager, TrainState, resolve_resume
+from mplug_ds.engine.data_health import SkippedSamples, warning_line
 from mplug_ds.engine.ds_config import offloads_optimizer
 from mplug_ds.engine.failure import LauncherWatch
 from mplug_ds.engine.logging import RunLogger, peak_memory_gb
@@ -58,6 +59,8 @@ class RunSummary:
     stopped_by_signal: bool = False
     skipped_batches: int = 0
     output_dir: str = ""
+    skipped_samples: dict[str, dict[str, float]] = field(default_factory=dict)  # per source, over all ranks
+    warnings: list[str] = field(default_factory=list)
 
 
 class Trainer:
@@ -96,6 +99,7 @@ class Trainer:
         self.logger = RunLogger(cfg.output_dir, world.rank, cfg.schedule.total_steps, cfg.logging.every_steps,
                                 resolved.report_to, to_dict(cfg), cfg.logging.progress_bar,
                                 cfg.logging.wandb_project)
+        self.skipped = SkippedSamples(self.stream, world.world_size, self._warn)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.optim
@@ -128,7 +132,7 @@ class Trainer:
                 self.logger.info(f"{cause}: saved {self.last_checkpoint} at step {self.state.step}; "
                                  "resume with --resume auto")
             retrieval = {} if stopped else self._evaluate()
-            summary = self._summary(retrieval, stopped)
+            summary = self._summary(retrieval, stopped, self.skipped.gather())
             self.logger.event("summary", **dataclasses.asdict(summary))
             return summary
         finally:
@@ -215,6 +219,8 @@ class Trainer:
                   **step_args, "samples_per_s": global_batch / elapsed, "data_time": data_time,
                   "compute_time": compute_time, "peak_mem_gb": peak_memory_gb(self.device),
                   "overflow": not engine.was_step_applied()}
+        if self.state.step % cfg.logging.every_steps == 0 or self.state.step == cfg.schedule.total_steps:
+            record["skipped"] = self.skipped.gather()  # a collective: the same steps on every rank
         self.logger.step(record)
         return stop_requested
 
@@ -268,11 +274,18 @@ class Trainer:
             self.logger.event("eval", **metrics)
         return metrics
 
-    def _summary(self, retrieval: dict[str, float], stopped: bool) -> RunSummary:
+    def _warn(self, line: str) -> None:
+        self.logger.info(line)
+        self.logger.event("warning", message=line)
+
+    def _summary(self, retrieval: dict[str, float], stopped: bool,
+                 skipped: dict[str, dict[str, float]]) -> RunSummary:
         window = max(1, min(5, len(self.losses) // 4 or 1))
         first = sum(self.losses[:window]) / window if self.losses else None
         last = sum(self.losses[-window:]) / window if self.losses else None
         return RunSummary(steps=self.state.step, first_loss=first, last_loss=last, retrieval=retrieval,
                           checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
                           stopped_by_signal=stopped, skipped_batches=self.state.skipped_batches,
-                          output_dir=str(self.cfg.output_dir))
+                          output_dir=str(self.cfg.output_dir), skipped_samples=skipped,
+                          warnings=[warning_line(name, entry, self.skipped.warn_fraction)
+                                    for name, entry in skipped.items() if name in self.skipped.warned])
