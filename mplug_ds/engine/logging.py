@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from mplug_ds.config import ConfigError
+from mplug_ds.runtime.atomic import atomic_write_text
 
 log = logging.getLogger("mplug_ds.train")
 
@@ -106,6 +107,26 @@ class RunLogger:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
+
+    def drop_steps_after(self, step: int) -> int:
+        """Remove records of steps after ``step`` (a run killed after its last checkpoint logged them; the resumed
+        run logs them again), so ``metrics.jsonl`` keeps one history. Returns how many records were dropped."""
+        if not self.active:
+            return 0
+        self._metrics.close()
+        kept, dropped = [], 0
+        for line in self.metrics_path.read_text().splitlines(keepends=True):
+            try:
+                superseded = json.loads(line).get("step", 0) > step
+            except (json.JSONDecodeError, AttributeError, TypeError):
+                superseded = True  # a line cut short by the kill
+            dropped += superseded
+            if not superseded:
+                kept.append(line)
+        if dropped:
+            atomic_write_text(self.metrics_path, "".join(kept))
+        self._metrics = self.metrics_path.open("a")
+        return dropped
 
     def event(self, kind: str, **fields: Any) -> None:
         """A non-step record (run start, resume, skipped step, checkpoint, summary) in ``metrics.jsonl``."""

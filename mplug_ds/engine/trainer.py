@@ -156,7 +156,8 @@ class Trainer:
         data = iter(self.stream)
         set_rng_state(rank_state["rng"])  # last: creating the data iterator may draw from the generators
         self.last_checkpoint = tag_dir
-        self.logger.event("resume", checkpoint=str(tag_dir), **dataclasses.asdict(state))
+        dropped = self.logger.drop_steps_after(state.step)
+        self.logger.event("resume", checkpoint=str(tag_dir), superseded_records=dropped, **dataclasses.asdict(state))
         self.logger.info(f"resumed from {tag_dir} at step {state.step} ({state.samples_seen} samples seen)")
         return data
 
