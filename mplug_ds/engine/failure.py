@@ -15,7 +15,6 @@ Two ways a distributed job used to outlive its purpose:
 """
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import threading
@@ -26,7 +25,6 @@ from typing import Callable, Iterator
 
 import psutil
 
-log = logging.getLogger("mplug_ds.train")
 
 EXIT_FAILURE = 1
 # Command-line words that mark a process as a launcher of this rank (deepspeed's runner and its per-node
