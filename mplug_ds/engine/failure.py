@@ -25,7 +25,6 @@ from typing import Callable, Iterator
 
 import psutil
 
-
 EXIT_FAILURE = 1
 # Command-line words that mark a process as a launcher of this rank (deepspeed's runner and its per-node
 # launcher, torchrun). Matched against each word's file name, so "…/bin/deepspeed" matches "deepspeed".
