@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import multiprocessing
+import os
 import re
 import sys
 import tarfile

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Sequence
 
 from mplug_ds.config import ConfigError
 from mplug_ds.engine.data_health import format_skipped
-from mplug_ds.engine.failure import exit_hard_on_failure
 from mplug_ds.engine.train_config import TrainConfig, load_train_config
 from mplug_ds.engine.validate import ResolvedRun, validate
+from mplug_ds.runtime.failure import exit_hard_on_failure
 from mplug_ds.runtime.launch_env import WorldInfo, prepare_world_env
 
 if TYPE_CHECKING:

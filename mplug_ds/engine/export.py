@@ -19,10 +19,10 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from safetensors.torch import load_file, save_file
 
 from mplug_ds.config import to_dict
-from mplug_ds.engine import safe_load
 from mplug_ds.engine.checkpoint import COMPLETE, TEACHER_FILE, resolve_resume
 from mplug_ds.models.config import ModelConfig, load_model_config
 from mplug_ds.models.mplug import build_model
+from mplug_ds.runtime import safe_load
 from mplug_ds.runtime.atomic import atomic_path, atomic_write_text
 
 MODEL_PREFIX = "model."  # PretrainModel keeps the online MPLUG as ``.model``

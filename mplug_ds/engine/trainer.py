@@ -33,13 +33,13 @@ from mplug_ds.data.batch import Batch
 from mplug_ds.engine.checkpoint import CheckpointManager, TrainState, resolve_resume
 from mplug_ds.engine.data_health import SkippedSamples, warning_line
 from mplug_ds.engine.ds_config import offloads_optimizer
-from mplug_ds.engine.failure import LauncherWatch
 from mplug_ds.engine.logging import RunLogger, peak_memory_gb
 from mplug_ds.engine.recipe import Recipe
 from mplug_ds.engine.schedule import WarmupCosine, group_lr, param_groups
 from mplug_ds.engine.train_config import EngineConfig
 from mplug_ds.engine.validate import ResolvedEngine
 from mplug_ds.runtime.atomic import atomic_write_text
+from mplug_ds.runtime.failure import LauncherWatch
 from mplug_ds.runtime.guards import NonFiniteGuard, StopRequest
 from mplug_ds.runtime.launch_env import WorldInfo
 from mplug_ds.runtime.rng import rng_state, seed_everything, set_deterministic, set_rng_state

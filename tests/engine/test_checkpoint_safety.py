@@ -1,17 +1,19 @@
 """No checkpoint file runs code when loaded: --resume and the export tool refuse a planted pickle, naming the file."""
 import os
 import shutil
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 
-from mplug_ds.engine import safe_load
 from mplug_ds.engine.checkpoint import rank_state_file, tag_for
-from mplug_ds.engine.safe_load import UntrustedCheckpointError
 from mplug_ds.engine.train_config import load_train_config
 from mplug_ds.engine.trainer import Trainer
 from mplug_ds.engine.validate import validate
+from mplug_ds.objectives.pretrain_recipe import PretrainRecipe
+from mplug_ds.runtime import safe_load
+from mplug_ds.runtime.safe_load import UntrustedCheckpointError
 from tools.export_checkpoint import main as export_main
 
 
@@ -29,7 +31,8 @@ def _trainer(world, out, *overrides):
     cfg = load_train_config("synthetic_tiny", [f"run.output_dir={out}", "logging.progress_bar=false",
                                                "schedule.total_steps=1", "schedule.warmup_steps=0",
                                                "checkpoint.every_steps=1", "eval.retrieval=false", *overrides])
-    return Trainer(cfg, validate(cfg, world.world_size), world)
+    resolved = validate(cfg, world.world_size)
+    return Trainer(cfg, resolved, world, partial(PretrainRecipe, cfg, resolved))
 
 
 @pytest.fixture(scope="module")
