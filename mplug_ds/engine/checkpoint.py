@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from mplug_ds.distributed import get_rank, get_world_size, is_distributed
 from mplug_ds.runtime import safe_load
+from mplug_ds.runtime.atomic import atomic_torch_save, atomic_write_text
 
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 COMPLETE = "complete.json"
