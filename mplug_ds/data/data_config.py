@@ -5,7 +5,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mplug_ds.data.reading import expand_urls
+from mplug_ds.data.reading import ImageLimits, expand_urls
 from mplug_ds.data.sample import Task
 
 
@@ -49,6 +49,15 @@ class DataConfig:
     shuffle_initial: int = 100
     epoch_samples: int | None = None
     drop_last: bool = True
+    # Larger or more elongated images are skipped and counted like corrupt samples (checked before decoding).
+    max_image_pixels: int = 40_000_000
+    max_image_aspect: float = 20.0
+    warn_skipped_fraction: float = 0.01  # warn loudly once a source skipped more than this share of samples read
+
+
+def image_limits(cfg: DataConfig) -> ImageLimits:
+    """The image size limits of a data config."""
+    return ImageLimits(cfg.max_image_pixels, cfg.max_image_aspect)
 
 
 _COUNT_KEYS = ("samples", "num_samples", "count", "n")

@@ -14,9 +14,10 @@ from typing import Any, Iterator
 import torch
 import torch.utils.data
 import webdataset as wds
+from PIL import Image
 
 from mplug_ds.data.collate import Preparer, collate
-from mplug_ds.data.data_config import DataConfig, SourceConfig, read_manifest, source_size
+from mplug_ds.data.data_config import DataConfig, SourceConfig, image_limits, read_manifest, source_size
 from mplug_ds.data.reading import DataErrors, decode_sample, expand_urls, read_raw
 from mplug_ds.distributed import get_rank, get_world_size
 
@@ -56,7 +57,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         physical, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         worker = (physical + self.worker_offset) % num_workers
         start = self.positions[worker]
-        cfg, errors, prepare = self.cfg, DataErrors(), Preparer(self.cfg)
+        cfg, prepare, limits = self.cfg, Preparer(self.cfg), image_limits(self.cfg)
+        errors = DataErrors(source_of=source_names(cfg))
         limit = self.batches_per_worker
         raw_count, batches, items = start.raw, start.batches, []
         if limit is not None and batches >= limit:
@@ -67,10 +69,11 @@ class ShardStream(torch.utils.data.IterableDataset):
             stream = wds.shuffle(cfg.shuffle_buffer, cfg.shuffle_initial, rng=rng)(stream)
         for raw in itertools.islice(stream, start.raw, None):
             raw_count += 1
+            errors.sample_read(raw["__url__"])
             try:
-                items.append(prepare(decode_sample(raw), _rng("sample", cfg.seed, self.epoch, self.rank, worker,
-                                                              raw_count)))
-            except ValueError as err:
+                items.append(prepare(decode_sample(raw, limits), _rng("sample", cfg.seed, self.epoch, self.rank,
+                                                                      worker, raw_count)))
+            except (ValueError, Image.DecompressionBombError) as err:
                 errors.sample_failed(raw["__url__"], raw["__key__"], str(err))
             if len(items) == cfg.batch_size:
                 batches += 1
@@ -119,6 +122,11 @@ class ShardStream(torch.utils.data.IterableDataset):
             if empty_in_a_row >= max(16, 2 * len(urls)):
                 raise RuntimeError(f"source '{src.name}': {empty_in_a_row} shards in a row held no readable sample "
                                    f"({src.shards}); check data.sources[].shards and the shard files")
+
+
+def source_names(cfg: DataConfig) -> dict[str, str]:
+    """Shard URL → name of the source it belongs to."""
+    return {url: src.name for src in cfg.sources for url in expand_urls(src.shards)}
 
 
 def split_shards(cfg: DataConfig, epoch: int, rank: int, world_size: int, worker: int,
@@ -237,15 +245,41 @@ def check_config(cfg: DataConfig, where: str = "data") -> None:
     if not cfg.sources:
         raise ValueError(f"{where}.sources is empty: list at least one {{name, shards}} source")
     for i, src in enumerate(cfg.sources):
-        if not expand_urls(src.shards):
-            raise ValueError(f"{where}.sources[{i}].shards ('{src.shards}') expands to no shard")
+        check_shard_files(src.shards, f"{where}.sources[{i}].shards")
         if src.weight <= 0:
             raise ValueError(f"{where}.sources[{i}].weight must be > 0, got {src.weight}")
+        if src.manifest is not None and not Path(src.manifest).expanduser().is_file():
+            raise ValueError(f"{where}.sources[{i}].manifest: {src.manifest} does not exist; point it at the "
+                             "manifest.json that tools/make_shards.py wrote beside the shards, or remove it")
+        if src.manifest is not None or (cfg.resampled and cfg.epoch_samples is None):
+            try:
+                source_size(src)
+            except ValueError as err:
+                raise ValueError(f"{where}.sources[{i}]: {err}") from None
     if cfg.batch_size < 1:
         raise ValueError(f"{where}.batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.num_workers < 0:
+        raise ValueError(f"{where}.num_workers must be >= 0 (0 reads in the training process), got {cfg.num_workers}")
+    if not 0.0 <= cfg.warn_skipped_fraction <= 1.0:
+        raise ValueError(f"{where}.warn_skipped_fraction must be between 0 and 1, got {cfg.warn_skipped_fraction}")
+    if cfg.max_image_pixels < 1 or cfg.max_image_aspect < 1:
+        raise ValueError(f"{where}.max_image_pixels must be >= 1 and {where}.max_image_aspect >= 1, got "
+                         f"{cfg.max_image_pixels} and {cfg.max_image_aspect}")
     if cfg.image_res % cfg.patch_size:
         raise ValueError(f"{where}.image_res ({cfg.image_res}) must be a multiple of {where}.patch_size "
                          f"({cfg.patch_size})")
+
+
+def check_shard_files(shards: str, key: str) -> None:
+    """The pattern ``shards`` expands to at least one shard, and every local one exists (URLs are not probed)."""
+    urls = expand_urls(shards)
+    if not urls:
+        raise ValueError(f"{key} ('{shards}') expands to no shard; give a brace pattern like "
+                         "'/data/cc3m/{000000..000331}.tar' or a glob matching existing files")
+    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).expanduser().is_file()]
+    if missing:
+        raise ValueError(f"{key}: shard file {missing[0]} does not exist ({len(missing)} of {len(urls)} missing); "
+                         "fix the pattern or write the shards with tools/make_shards.py")
 
 
 def build_loader(cfg: DataConfig, rank: int | None = None, world_size: int | None = None) -> ShardLoader:

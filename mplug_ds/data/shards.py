@@ -8,8 +8,8 @@ Output directory after a run:
 
 Shard membership is decided from the ordered sample stream alone: shard ``k`` holds the valid samples among stream
 positions ``[k*shard_size, (k+1)*shard_size)``. A rerun with the same inputs and options therefore reproduces the
-same shards, and any shard whose file exists and whose fingerprint (sample metadata, image references, options)
-matches its progress record is kept as is instead of being rewritten. Every file is written under a temporary
+same shards, and any shard whose file exists and whose fingerprint (sample metadata, options, and each image's
+path, size and modification time) matches its progress record is kept as is instead of being rewritten. Every file is written under a temporary
 name and renamed into place, so a crash never leaves a half-written shard under a final name.
 
 Per sample, before writing: texts are stripped and empty ones dropped (a caption sample keeps its other
@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import multiprocessing
+import os
 import re
 import sys
 import tarfile
@@ -223,12 +224,22 @@ def _write_tar_atomic(path: Path, samples: list[Sample]) -> None:
 
 
 def _fingerprint(batch: list[Sample], options: ShardOptions) -> str:
+    """What decides a shard's bytes: options, sample metadata, and each image's bytes or (for a file) its path,
+    size and modification time, so fixing or replacing an image file rebuilds its shard on the next run."""
     digest = hashlib.sha256(json.dumps([_WRITER_VERSION, options.resize, options.jpeg_quality]).encode())
     for sample in batch:
         digest.update(sample.meta_json())
         for ref in sample.images or [sample.image]:
-            digest.update(hashlib.sha1(ref).digest() if isinstance(ref, bytes) else str(ref).encode())
+            digest.update(hashlib.sha1(ref).digest() if isinstance(ref, bytes) else _file_identity(ref).encode())
     return digest.hexdigest()
+
+
+def _file_identity(ref: object) -> str:
+    try:
+        stat = os.stat(str(ref))
+    except OSError:
+        return f"{ref}|missing"
+    return f"{ref}|{stat.st_size}|{stat.st_mtime_ns}"
 
 
 def _read_progress(path: Path) -> dict[str, dict[str, Any]]:

@@ -17,10 +17,10 @@ import torch.distributed as dist
 from mplug_ds.config import ConfigError
 from mplug_ds.data.batch import Batch, RetrievalSet
 from mplug_ds.data.collate import tokenize
-from mplug_ds.data.data_config import DataConfig, SourceConfig
+from mplug_ds.data.data_config import DataConfig, SourceConfig, image_limits
 from mplug_ds.data.demo_shards import DemoShards, demo_shards, prepare_demo_shards
 from mplug_ds.data.pipeline import ShardLoader
-from mplug_ds.data.reading import iter_samples
+from mplug_ds.data.reading import DataErrors, iter_samples
 from mplug_ds.data.synthetic import SyntheticPretrainBatches
 from mplug_ds.data.transforms import TestTransform, pre_caption
 from mplug_ds.runtime.guards import sigterm_blocked
@@ -80,6 +80,21 @@ class EndlessShardBatches:
     @property
     def epoch(self) -> int:
         return self.loader.epoch
+
+    @property
+    def errors(self) -> DataErrors:
+        """What this rank's loader skipped so far (counts per source in ``by_source``)."""
+        return self.loader.errors
+
+    @property
+    def source_names(self) -> list[str]:
+        """The names of the data sources, in config order (identical on every rank)."""
+        return [src.name for src in self.loader.cfg.sources]
+
+    @property
+    def warn_skipped_fraction(self) -> float:
+        """Past this fraction of skipped samples a source is reported loudly."""
+        return self.loader.cfg.warn_skipped_fraction
 
     def __iter__(self) -> Iterator[Batch]:
         while True:
@@ -146,7 +161,7 @@ def build_eval_set(data: DataSection, image_res: int, max_samples: int, world: W
         return None
     transform = TestTransform(image_res)
     images, texts, owners = [], [], []
-    for sample in iter_samples(pattern):
+    for sample in iter_samples(pattern, limits=image_limits(data.pipeline)):
         captions = [c for c in (pre_caption(t, data.pipeline.max_words) for t in sample.texts) if c]
         if sample.image is None or not captions:
             continue

@@ -112,7 +112,8 @@ def to_normalized_tensor(img: Image.Image) -> torch.Tensor:
 
 def random_resized_crop_box(rng: random.Random, width: int, height: int, scale: tuple[float, float],
                             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-    """(left, top, crop_width, crop_height) of a random crop covering ``scale`` of the area at aspect ``ratio``."""
+    """(left, top, crop_width, crop_height) of a random crop covering ``scale`` of the area at aspect ``ratio``;
+    always inside the image (after 10 failed draws: the largest centred crop with aspect clamped to ``ratio``)."""
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
@@ -121,9 +122,15 @@ def random_resized_crop_box(rng: random.Random, width: int, height: int, scale: 
         w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
             return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    # Fallback: the largest centred crop whose aspect is clamped into ``ratio`` (a wide image keeps its height,
+    # a tall one its width), so the box never leaves the image whatever its shape.
     aspect = width / height
-    w, h = (width, round(width / ratio[1])) if aspect > ratio[1] else (
-        (round(height * ratio[0]), height) if aspect < ratio[0] else (width, height))
+    if aspect > ratio[1]:
+        w, h = min(width, max(1, round(height * ratio[1]))), height
+    elif aspect < ratio[0]:
+        w, h = width, min(height, max(1, round(width / ratio[0])))
+    else:
+        w, h = width, height
     return (width - w) // 2, (height - h) // 2, w, h
 
 

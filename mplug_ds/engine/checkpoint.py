@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from mplug_ds.distributed import get_rank, get_world_size, is_distributed
+from mplug_ds.runtime import safe_load
 from mplug_ds.runtime.atomic import atomic_torch_save, atomic_write_text
 
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
@@ -109,9 +110,10 @@ def _barrier() -> None:
 class CheckpointManager:
     """Saves and restores complete training checkpoints; keeps the newest ``keep_last``."""
 
-    def __init__(self, directory: Path, keep_last: int) -> None:
+    def __init__(self, directory: Path, keep_last: int, trust_pickles: bool = False) -> None:
         self.directory = directory
         self.keep_last = keep_last
+        self.trust_pickles = trust_pickles
 
     def save(self, engine: Any, state: TrainState, rank_state: dict[str, Any],
              teacher_state: dict[str, torch.Tensor] | None) -> Path:
@@ -153,7 +155,10 @@ class CheckpointManager:
 
     def load(self, engine: Any, tag_dir: Path
              ) -> tuple[TrainState, dict[str, Any], dict[str, torch.Tensor] | None]:
-        """Restore engine states from ``tag_dir``; returns the train state, this rank's state and the teacher."""
+        """Restore engine states from ``tag_dir``; returns the train state, this rank's state and the teacher.
+
+        Every file is read with the restricted unpickler (``safe_load``) unless ``trust_pickles``.
+        """
         marker = read_marker(tag_dir)
         world = get_world_size()
         if marker["world_size"] != world:
@@ -161,14 +166,15 @@ class CheckpointManager:
                 f"{tag_dir} was written by {marker['world_size']} ranks but this run has {world}: ZeRO partitions, "
                 "RNG states and data positions are per rank, so resume with the same number of ranks, or export "
                 "the weights (tools/export_checkpoint.py) and start a new run from them (docs/multi_node.md)")
-        loaded, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_strict=True,
-                                                load_optimizer_states=True, load_lr_scheduler_states=False)
+        trusted = self.trust_pickles
+        if not trusted:
+            safe_load.check_checkpoint(tag_dir)
+        with safe_load.deepspeed_weights_only(trusted):
+            loaded, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_strict=True,
+                                                    load_optimizer_states=True, load_lr_scheduler_states=False)
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {tag_dir}")
         state = TrainState(**client["train_state"])
-        # Our own files, written by this engine: they hold RNG tuples and NumPy arrays, hence weights_only=False.
-        rank_state = torch.load(rank_state_file(tag_dir, get_rank()), map_location="cpu", weights_only=False)
-        teacher = None
-        if marker.get("has_teacher"):
-            teacher = torch.load(tag_dir / TEACHER_FILE, map_location="cpu", weights_only=True)
+        rank_state = safe_load.load(rank_state_file(tag_dir, get_rank()), trusted)
+        teacher = safe_load.load(tag_dir / TEACHER_FILE, trusted) if marker.get("has_teacher") else None
         return state, rank_state, teacher

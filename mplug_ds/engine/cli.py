@@ -9,8 +9,10 @@ from functools import partial
 from typing import TYPE_CHECKING, Sequence
 
 from mplug_ds.config import ConfigError
+from mplug_ds.engine.data_health import format_skipped
 from mplug_ds.engine.train_config import TrainConfig, load_train_config
 from mplug_ds.engine.validate import ResolvedRun, validate
+from mplug_ds.runtime.failure import exit_hard_on_failure
 from mplug_ds.runtime.launch_env import WorldInfo, prepare_world_env
 
 if TYPE_CHECKING:
@@ -30,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", "--output_dir", dest="output_dir", help="overrides run.output_dir")
     parser.add_argument("--resume", help="'auto' (newest complete checkpoint, else start fresh), a checkpoint "
                         "path, or 'none'")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load the --resume checkpoint even if a file in it needs full unpickling, which can "
+                        "run code (sets checkpoint.trust_pickles=true); only for checkpoints you trust")
     parser.add_argument("--report-to", "--report_to", dest="report_to",
                         help="comma-separated: wandb,tensorboard,none (overrides logging.report_to)")
     parser.add_argument("--deepspeed_config", "--ds-config", dest="deepspeed_config",
@@ -47,6 +52,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         overrides.append(f"run.output_dir={args.output_dir}")
     if args.resume:
         overrides.append(f"run.resume={args.resume}")
+    if args.trust_checkpoint:
+        overrides.append("checkpoint.trust_pickles=true")
     if args.report_to:
         overrides.append(f"logging.report_to=[{args.report_to}]")
     if args.deepspeed_config:
@@ -72,11 +79,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(cfg: TrainConfig, resolved: ResolvedRun, world: WorldInfo) -> int:
-    """Train and print the summary on rank 0."""
+    """Train and print the summary on rank 0; any failure ends this rank at once with status 1."""
     from mplug_ds.engine.trainer import Trainer
     from mplug_ds.objectives.pretrain_recipe import PretrainRecipe
 
-    summary = Trainer(cfg, resolved, world, partial(PretrainRecipe, cfg, resolved)).train()
+    with exit_hard_on_failure(world.rank):
+        summary = Trainer(cfg, resolved, world, partial(PretrainRecipe, cfg, resolved)).train()
     if world.rank == 0:
         print(format_summary(summary), flush=True)
     return 0
@@ -92,6 +100,10 @@ def format_summary(summary: RunSummary) -> str:
         lines.append(f"zero-shot retrieval on held-out split ({int(r['num_images'])} images): "
                      f"image->text R@1 {r['i2t_r1']:.3f}, text->image R@1 {r['t2i_r1']:.3f} "
                      f"(R@5 {r['i2t_r5']:.3f} / {r['t2i_r5']:.3f})")
+    if summary.skipped_samples:
+        lines.append(f"samples skipped (corrupt, unreadable or oversized; skipped/read per source): "
+                     f"{format_skipped(summary.skipped_samples)}")
+    lines += summary.warnings
     if summary.skipped_batches:
         lines.append(f"batches skipped for non-finite loss: {summary.skipped_batches}")
     if summary.stopped_by_signal:

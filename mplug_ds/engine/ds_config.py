@@ -60,6 +60,7 @@ def build_ds_config(cfg: EngineConfig, world_size: int) -> dict[str, Any]:
     unknown = sorted(set(template) - KNOWN_KEYS)
     if unknown:
         raise ConfigError(f"{path}: unknown DeepSpeed key '{unknown[0]}'; check its spelling")
+    check_zero_section(path, template.get("zero_optimization", {}))
     for owned in ("optimizer", "scheduler"):
         if owned in template:
             raise ConfigError(f"{path}: remove '{owned}': the engine builds AdamW with per-group learning rates "
@@ -94,6 +95,24 @@ def build_ds_config(cfg: EngineConfig, world_size: int) -> dict[str, Any]:
     if one_rank_zero and not cfg.deepspeed.zero_on_one_rank:
         ds["zero_optimization"] = {"stage": 0}  # nothing to partition; see DeepSpeedSection
     return ds
+
+
+def check_zero_section(path: Path, zero: Any) -> None:
+    """Check ``zero_optimization`` against DeepSpeed's own schema (stage, nested keys such as ``offload_optimizer``)
+    so a misspelt key or a stage that does not exist is reported before any process starts."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{path}: 'zero_optimization' must be an object like {{\"stage\": 2}}")
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(part) for part in first["loc"])
+        fix = "check its spelling (see DeepSpeed's ZeRO config docs)" if first["type"] == "extra_forbidden" else \
+            "choose an allowed value"
+        raise ConfigError(f"{path}: 'zero_optimization.{key}': {first['msg']}; {fix}") from None
 
 
 def zero_stage(ds: dict[str, Any]) -> int:

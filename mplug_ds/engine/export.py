@@ -22,6 +22,7 @@ from mplug_ds.config import to_dict
 from mplug_ds.engine.checkpoint import COMPLETE, TEACHER_FILE, resolve_resume
 from mplug_ds.models.config import ModelConfig, load_model_config
 from mplug_ds.models.mplug import build_model
+from mplug_ds.runtime import safe_load
 from mplug_ds.runtime.atomic import atomic_path, atomic_write_text
 
 MODEL_PREFIX = "model."  # PretrainModel keeps the online MPLUG as ``.model``
@@ -36,9 +37,15 @@ def find_run_model_config(tag_dir: Path) -> Path:
     raise FileNotFoundError(f"no model_config.yaml found next to {tag_dir}; pass the model config explicitly")
 
 
-def consolidate(tag_dir: Path, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The online model's full fp32 state dict from a checkpoint, checked against a freshly built model."""
-    merged = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+def consolidate(tag_dir: Path, model_cfg: ModelConfig, trusted: bool = False) -> dict[str, torch.Tensor]:
+    """The online model's full fp32 state dict from a checkpoint, checked against a freshly built model.
+
+    The checkpoint's files are read with the restricted unpickler unless ``trusted`` (see ``safe_load``).
+    """
+    if not trusted:
+        safe_load.check_checkpoint(tag_dir)
+    with safe_load.deepspeed_weights_only(trusted):
+        merged = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     online = {k[len(MODEL_PREFIX):]: v for k, v in merged.items() if k.startswith(MODEL_PREFIX)}
     reference = build_model(model_cfg).state_dict()
     missing = sorted(set(reference) - set(online))
@@ -55,11 +62,12 @@ def consolidate(tag_dir: Path, model_cfg: ModelConfig) -> dict[str, torch.Tensor
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, model_config: str | None = None,
-                      include_momentum: bool = False) -> Path:
+                      include_momentum: bool = False, trusted: bool = False) -> Path:
     """Write ``model.safetensors`` (+ optional ``momentum.safetensors``) and ``model_config.yaml`` to ``out_dir``.
 
     ``checkpoint``: a ``step_*`` tag directory, a checkpoints directory or a run directory (newest complete
     checkpoint). ``model_config``: a model name or YAML path; default: the run's saved ``model_config.yaml``.
+    ``trusted``: allow files that need full unpickling (can run code); otherwise such a file is refused.
     """
     tag_dir = resolve_resume(str(checkpoint), Path(checkpoint))
     if tag_dir is None:
@@ -70,12 +78,12 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, model_config:
     out.mkdir(parents=True, exist_ok=True)
     marker = json.loads((tag_dir / COMPLETE).read_text())
     metadata = {"source": str(tag_dir), "step": str(marker["step"]), "format": "mplug_ds"}
-    _atomic_save(consolidate(tag_dir, model_cfg), out / "model.safetensors", metadata)
+    _atomic_save(consolidate(tag_dir, model_cfg, trusted), out / "model.safetensors", metadata)
     if include_momentum:
         teacher_file = tag_dir / TEACHER_FILE
         if not teacher_file.exists():
             raise FileNotFoundError(f"{tag_dir} has no momentum teacher (objective.distill was off)")
-        teacher = torch.load(teacher_file, map_location="cpu", weights_only=True)
+        teacher = safe_load.load(teacher_file, trusted)
         _atomic_save({k: v.float().contiguous().clone() for k, v in teacher.items()},
                      out / "momentum.safetensors", metadata)
     text = yaml.safe_dump(to_dict(model_cfg), sort_keys=False)

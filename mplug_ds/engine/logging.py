@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from mplug_ds.config import ConfigError
+from mplug_ds.runtime.atomic import atomic_write_text
 
 log = logging.getLogger("mplug_ds.train")
 
@@ -60,10 +61,15 @@ def format_progress(record: dict[str, Any], total_steps: int) -> str:
     """One progress line: step, each loss, learning rates, throughput, data wait vs compute, peak memory."""
     losses = " ".join(f"{k.removeprefix('loss_') if k != 'loss' else 'loss'} {v:.4f}"
                       for k, v in record.items() if k.startswith("loss"))
+    skipped = record.get("skipped", {})
+    skipped_part = ""
+    if any(e["corrupt_samples"] or e["damaged_shards"] for e in skipped.values()):
+        skipped_part = " | skipped " + ", ".join(f"{name} {e['corrupt_samples']}/{e['read']}"
+                                                for name, e in skipped.items())
     return (f"step {record['step']}/{total_steps} epoch {record['epoch']} | {losses} | "
             f"lr {record['lr']:.2e} visual_lr {record['visual_lr']:.2e} | {record['samples_per_s']:.1f} samples/s | "
             f"data {record['data_time']:.3f}s compute {record['compute_time']:.3f}s | "
-            f"peak mem {record['peak_mem_gb']:.2f} GB")
+            f"peak mem {record['peak_mem_gb']:.2f} GB{skipped_part}")
 
 
 class RunLogger:
@@ -101,6 +107,26 @@ class RunLogger:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
+
+    def drop_steps_after(self, step: int) -> int:
+        """Remove records of steps after ``step`` (a run killed after its last checkpoint logged them; the resumed
+        run logs them again), so ``metrics.jsonl`` keeps one history. Returns how many records were dropped."""
+        if not self.active:
+            return 0
+        self._metrics.close()
+        kept, dropped = [], 0
+        for line in self.metrics_path.read_text().splitlines(keepends=True):
+            try:
+                superseded = json.loads(line).get("step", 0) > step
+            except (json.JSONDecodeError, AttributeError, TypeError):
+                superseded = True  # a line cut short by the kill
+            dropped += superseded
+            if not superseded:
+                kept.append(line)
+        if dropped:
+            atomic_write_text(self.metrics_path, "".join(kept))
+        self._metrics = self.metrics_path.open("a")
+        return dropped
 
     def event(self, kind: str, **fields: Any) -> None:
         """A non-step record (run start, resume, skipped step, checkpoint, summary) in ``metrics.jsonl``."""

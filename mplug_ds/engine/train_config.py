@@ -80,6 +80,8 @@ class CheckpointSection:
     every_steps: int = 500
     keep_last: int = 3
     save_final: bool = True
+    # Resume from files that need full unpickling (which can run code): only for checkpoints you trust.
+    trust_pickles: bool = False
 
 
 @dataclass
@@ -110,6 +112,9 @@ class RunSection:
     deterministic: bool = False  # bit-reproducible kernels (slower); needed for exact resume comparisons
     max_nonfinite_steps: int = 5  # abort after this many non-finite losses in a row
     resume: str | None = None  # None, "auto" (newest complete checkpoint) or a checkpoint path
+    # A collective that waits longer than this fails the rank (a peer hung or died): keep it above the slowest
+    # checkpoint save and data preparation, since the other ranks wait in a barrier meanwhile.
+    collective_timeout_s: float = 600.0
 
 
 @dataclass

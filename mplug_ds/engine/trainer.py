@@ -18,6 +18,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -30,6 +31,7 @@ from deepspeed.accelerator import get_accelerator
 from mplug_ds.config import to_dict
 from mplug_ds.data.batch import Batch
 from mplug_ds.engine.checkpoint import CheckpointManager, TrainState, resolve_resume
+from mplug_ds.engine.data_health import SkippedSamples, warning_line
 from mplug_ds.engine.ds_config import offloads_optimizer, skip_one_rank_allreduce
 from mplug_ds.engine.logging import RunLogger, peak_memory_gb
 from mplug_ds.engine.recipe import Recipe
@@ -37,6 +39,7 @@ from mplug_ds.engine.schedule import WarmupCosine, group_lr, param_groups
 from mplug_ds.engine.train_config import EngineConfig
 from mplug_ds.engine.validate import ResolvedEngine
 from mplug_ds.runtime.atomic import atomic_write_text
+from mplug_ds.runtime.failure import LauncherWatch
 from mplug_ds.runtime.guards import NonFiniteGuard, StopRequest
 from mplug_ds.runtime.launch_env import WorldInfo
 from mplug_ds.runtime.rng import rng_state, seed_everything, set_deterministic, set_rng_state
@@ -56,6 +59,8 @@ class RunSummary:
     stopped_by_signal: bool = False
     skipped_batches: int = 0
     output_dir: str = ""
+    skipped_samples: dict[str, dict[str, float]] = field(default_factory=dict)  # per source, over all ranks
+    warnings: list[str] = field(default_factory=list)
 
 
 class Trainer:
@@ -68,7 +73,8 @@ class Trainer:
                  make_recipe: Callable[[WorldInfo], Recipe]) -> None:
         self.cfg, self.resolved, self.world = cfg, resolved, world
         set_deterministic(cfg.run.deterministic)
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                                   timeout=timedelta(seconds=cfg.run.collective_timeout_s))
         accel = get_accelerator()
         if accel.device_name() == "cuda":
             accel.set_device(world.local_rank)
@@ -86,13 +92,15 @@ class Trainer:
         self.schedule = WarmupCosine(cfg.schedule)
         self.state = TrainState()
         self.guard = NonFiniteGuard(cfg.run.max_nonfinite_steps)
-        self.checkpoints = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last)
+        self.checkpoints = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last,
+                                             cfg.checkpoint.trust_pickles)
         self.stream = self.recipe.train_stream()
         self.losses: list[float] = []
         self.last_checkpoint: Path | None = None
         self.logger = RunLogger(cfg.output_dir, world.rank, cfg.schedule.total_steps, cfg.logging.every_steps,
                                 resolved.report_to, to_dict(cfg), cfg.logging.progress_bar,
                                 cfg.logging.wandb_project)
+        self.skipped = SkippedSamples(self.stream, world.world_size, self._warn)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.optim
@@ -110,6 +118,7 @@ class Trainer:
         cfg = self.cfg
         self._save_resolved_config()
         stop = StopRequest()
+        watch = LauncherWatch(stop.request)
         try:
             data = self.resume_or_start()
             stopped = False
@@ -121,14 +130,15 @@ class Trainer:
             if not stopped and cfg.checkpoint.save_final and not self._saved_at_current_step():
                 self._checkpoint()
             if stopped:
-                cause = f"received {stop.signal_name}" if stop.requested else "another rank received a stop signal"
+                cause = stop.cause if stop.requested else "another rank was asked to stop"
                 self.logger.info(f"{cause}: saved {self.last_checkpoint} at step {self.state.step}; "
                                  "resume with --resume auto")
             retrieval = {} if stopped else self._evaluate()
-            summary = self._summary(retrieval, stopped)
+            summary = self._summary(retrieval, stopped, self.skipped.gather())
             self.logger.event("summary", **dataclasses.asdict(summary))
             return summary
         finally:
+            watch.stop()
             stop.restore()
             self.logger.close()
 
@@ -148,7 +158,8 @@ class Trainer:
         data = iter(self.stream)
         set_rng_state(rank_state["rng"])  # last: creating the data iterator may draw from the generators
         self.last_checkpoint = tag_dir
-        self.logger.event("resume", checkpoint=str(tag_dir), **dataclasses.asdict(state))
+        dropped = self.logger.drop_steps_after(state.step)
+        self.logger.event("resume", checkpoint=str(tag_dir), superseded_records=dropped, **dataclasses.asdict(state))
         self.logger.info(f"resumed from {tag_dir} at step {state.step} ({state.samples_seen} samples seen)")
         return data
 
@@ -211,6 +222,8 @@ class Trainer:
                   **step_args, "samples_per_s": global_batch / elapsed, "data_time": data_time,
                   "compute_time": compute_time, "peak_mem_gb": peak_memory_gb(self.device),
                   "overflow": not engine.was_step_applied()}
+        if self.state.step % cfg.logging.every_steps == 0 or self.state.step == cfg.schedule.total_steps:
+            record["skipped"] = self.skipped.gather()  # a collective: the same steps on every rank
         self.logger.step(record)
         return stop_requested
 
@@ -264,11 +277,18 @@ class Trainer:
             self.logger.event("eval", **metrics)
         return metrics
 
-    def _summary(self, retrieval: dict[str, float], stopped: bool) -> RunSummary:
+    def _warn(self, line: str) -> None:
+        self.logger.info(line)
+        self.logger.event("warning", message=line)
+
+    def _summary(self, retrieval: dict[str, float], stopped: bool,
+                 skipped: dict[str, dict[str, float]]) -> RunSummary:
         window = max(1, min(5, len(self.losses) // 4 or 1))
         first = sum(self.losses[:window]) / window if self.losses else None
         last = sum(self.losses[-window:]) / window if self.losses else None
         return RunSummary(steps=self.state.step, first_loss=first, last_loss=last, retrieval=retrieval,
                           checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
                           stopped_by_signal=stopped, skipped_batches=self.state.skipped_batches,
-                          output_dir=str(self.cfg.output_dir))
+                          output_dir=str(self.cfg.output_dir), skipped_samples=skipped,
+                          warnings=[warning_line(name, entry, self.skipped.warn_fraction)
+                                    for name, entry in skipped.items() if name in self.skipped.warned])

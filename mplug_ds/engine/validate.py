@@ -1,6 +1,8 @@
 """Check a ``TrainConfig`` completely before any process starts work; every failure is a ``ConfigError``."""
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -8,8 +10,9 @@ from typing import Any
 import torch
 
 from mplug_ds.config import ConfigError, from_dict
-from mplug_ds.data.pipeline import check_config
+from mplug_ds.data.pipeline import check_config, check_shard_files
 from mplug_ds.data.streams import pipeline_config
+from mplug_ds.engine.checkpoint import resolve_resume
 from mplug_ds.engine.ds_config import build_ds_config
 from mplug_ds.engine.logging import check_report_to
 from mplug_ds.engine.train_config import EngineConfig, TrainConfig
@@ -57,6 +60,42 @@ def resolve_batch(cfg: EngineConfig, world_size: int) -> None:
     b.grad_accum_steps = accum
 
 
+def _number(key: str, value: float, minimum: float, inclusive: bool = True) -> None:
+    """A finite number at or above (``inclusive``) / above ``minimum``."""
+    low_ok = value >= minimum if inclusive else value > minimum
+    if not (math.isfinite(value) and low_ok):
+        raise ConfigError(f"{key} must be a finite number {'>=' if inclusive else '>'} {minimum:g}, got {value}")
+
+
+def check_output_dir(path: Path) -> None:
+    """The output directory exists as a writable directory, or can be created (checked without creating it)."""
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"run.output_dir: cannot create {path}: {existing} is a file, not a directory; "
+                          "choose another --output-dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"run.output_dir: cannot write to {existing} (permission denied), so {path} cannot be "
+                          "created or written; choose a writable --output-dir")
+
+
+def check_resume(cfg: EngineConfig) -> None:
+    """``run.resume`` is none/auto or names a complete checkpoint (a typo like 'autoo' is not taken as a path)."""
+    spec = cfg.run.resume
+    if spec in (None, "none", "auto"):
+        return
+    try:
+        resolve_resume(spec, cfg.checkpoint_dir)
+    except FileNotFoundError as err:
+        hint = "" if Path(spec).expanduser().exists() else (
+            f"; {spec} does not exist. Use --resume auto (newest checkpoint of run.output_dir), --resume none, or "
+            "the path of a run, its checkpoints/ directory or one step_XXXXXXXX directory")
+        raise ConfigError(f"run.resume: {err}{hint}") from None
+
+
 def validate_engine(cfg: EngineConfig, world_size: int) -> ResolvedEngine:
     """Validate the sections every run shares; fills derived values (accumulation steps) into ``cfg``."""
     resolve_batch(cfg, world_size)
@@ -68,17 +107,24 @@ def validate_engine(cfg: EngineConfig, world_size: int) -> ResolvedEngine:
                           f"({s.total_steps})")
     if s.alpha_warmup_steps < 0:
         raise ConfigError("schedule.alpha_warmup_steps must be >= 0")
+    for key in ("warmup_lr", "min_lr"):
+        _number(f"schedule.{key}", getattr(s, key), minimum=0.0)
     o = cfg.optim
-    if min(o.lr, o.visual_lr) <= 0:
-        raise ConfigError("optim.lr and optim.visual_lr must be > 0")
+    for key in ("lr", "visual_lr", "eps"):
+        _number(f"optim.{key}", getattr(o, key), minimum=0.0, inclusive=False)
+    _number("optim.weight_decay", o.weight_decay, minimum=0.0)
+    _number("optim.grad_clip", o.grad_clip, minimum=0.0)
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
-    if o.grad_clip < 0:
-        raise ConfigError("optim.grad_clip must be >= 0 (0 disables clipping)")
     if cfg.checkpoint.every_steps < 1 or cfg.checkpoint.keep_last < 1:
         raise ConfigError("checkpoint.every_steps and checkpoint.keep_last must be >= 1")
-    if cfg.run.max_nonfinite_steps < 1:
-        raise ConfigError("run.max_nonfinite_steps must be >= 1")
+    for key, value in (("run.max_nonfinite_steps", cfg.run.max_nonfinite_steps),
+                       ("logging.every_steps", cfg.logging.every_steps)):
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    _number("run.collective_timeout_s", cfg.run.collective_timeout_s, minimum=0.0, inclusive=False)
+    check_output_dir(cfg.output_dir)
+    check_resume(cfg)
     if cfg.deepspeed.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("deepspeed.precision=fp16 needs a CUDA device (DeepSpeed has no fp16 on CPU); "
                           "use bf16 or fp32")
@@ -93,6 +139,17 @@ def validate(cfg: TrainConfig, world_size: int) -> ResolvedRun:
     if d.source == "shards" and not d.pipeline.sources:
         raise ConfigError("data.pipeline.sources is required when data.source=shards, e.g. "
                           "[{name: cc3m, shards: '/data/cc3m/{000000..000331}.tar', manifest: /data/cc3m/manifest.json}]")
+    for key, value in (("eval.batch_size", cfg.eval.batch_size), ("eval.max_samples", cfg.eval.max_samples)):
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    if d.pipeline.num_workers < 0:
+        raise ConfigError(f"data.pipeline.num_workers must be >= 0 (0 reads in the training process), "
+                          f"got {d.pipeline.num_workers}")
+    if d.eval_shards:
+        try:
+            check_shard_files(d.eval_shards, "data.eval_shards")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     if d.max_text_len < 4:
         raise ConfigError(f"data.max_text_len must be >= 4, got {d.max_text_len}")
     if cfg.model.init_from and not (Path(cfg.model.init_from).expanduser() / "model.safetensors").is_file():

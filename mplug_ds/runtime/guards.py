@@ -12,16 +12,22 @@ class NonFiniteLossError(RuntimeError):
 
 
 class StopRequest:
-    """Turns SIGTERM (preemption, ``scancel``, ``kill``) into a flag the loop checks between steps."""
+    """Turns SIGTERM (preemption, ``scancel``, ``kill``) or ``request()`` into a flag the loop checks between
+    steps; ``cause`` says why ("received SIGTERM", "its launcher … exited")."""
 
     def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM,)) -> None:
         self.requested = False
-        self.signal_name = ""
+        self.cause = ""
         self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.request(f"received {signal.Signals(signum).name}")
+
+    def request(self, cause: str) -> None:
+        """Ask the loop to checkpoint and stop (from a signal handler or a watcher thread)."""
+        if not self.requested:
+            self.cause = cause
         self.requested = True
-        self.signal_name = signal.Signals(signum).name
 
     def restore(self) -> None:
         """Reinstall the handlers that were active before."""

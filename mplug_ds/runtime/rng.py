@@ -27,10 +27,11 @@ def set_deterministic(enabled: bool) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """The state of every generator on this process (for a checkpoint)."""
+    """The state of every generator on this process, as tensors and plain types (a ``weights_only`` load reads it)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -41,7 +42,8 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore generators captured by ``rng_state``."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys).astype(np.uint32), pos, has_gauss, gauss))  # older: an array
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

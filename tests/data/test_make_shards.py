@@ -97,6 +97,25 @@ def test_rerun_keeps_complete_shards_and_redoes_changed_ones(tmp_path, shards):
     assert not list((tmp_path / "out").glob("*.tmp*"))
 
 
+def test_rerun_after_fixing_a_broken_image_includes_it(tmp_path, shards):
+    rows = _albef_dataset(tmp_path, shards, n=4)
+    broken = tmp_path / "img" / "img2.jpg"
+    good_bytes = broken.read_bytes()
+    broken.write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    ann = shards.json(tmp_path / "train.json", rows)
+    args = ["--format", "albef", "--ann", ann, "--images", tmp_path / "img", "--out", tmp_path / "out",
+            "--shard-size", "2"]
+    assert shards.run(*args) == 0
+    assert "albef_img2" not in shards.read(tmp_path / "out")
+    untouched = (tmp_path / "out" / "albef-000000.tar").stat().st_mtime_ns
+
+    broken.write_bytes(good_bytes)  # the user repairs the image and reruns with the same arguments
+    assert shards.run(*args) == 0
+    assert sorted(shards.read(tmp_path / "out")) == [f"albef_img{i}" for i in range(4)]
+    assert shards.manifest(tmp_path / "out")["skipped"] == 0
+    assert (tmp_path / "out" / "albef-000000.tar").stat().st_mtime_ns == untouched
+
+
 def test_manifest_describes_the_run(tmp_path, shards):
     ann = shards.json(tmp_path / "train.json", _albef_dataset(tmp_path, shards, n=3))
     assert shards.run("--format", "albef", "--ann", ann, "--images", tmp_path / "img", "--out", tmp_path / "out",

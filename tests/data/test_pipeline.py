@@ -64,6 +64,26 @@ def test_loader_workers_report_damage_to_the_main_process(tmp_path):
     assert {f"{tmp_path}/d-000000.tar#a1", f"{tmp_path}/d-000000.tar#a3"} <= set(loader.errors.samples)
 
 
+def test_absurd_and_oversized_images_are_skipped_counted_and_named_per_source(tmp_path):
+    """A 20000×3 JPEG (which used to crash the crop with DecompressionBombError) and an image over the configured
+    pixel limit are skipped like corrupt samples and counted under their source."""
+    strip = Sample(key="strip", task="caption", image=jpeg_bytes(20000, 3), texts=["a very wide strip"])
+    big = Sample(key="big", task="caption", image=jpeg_bytes(300, 300), texts=["a big image"])
+    write_shard(tmp_path / "odd-000000.tar", [strip, big] + [caption_sample(f"o{i}", seed=i) for i in range(4)])
+    write_shard(tmp_path / "ok-000000.tar", [caption_sample(f"k{i}", seed=10 + i) for i in range(4)])
+    cfg = data_config([{"name": "odd", "shards": f"{tmp_path}/odd-000000.tar"},
+                       {"name": "ok", "shards": f"{tmp_path}/ok-000000.tar"}], resampled=False, batch_size=2,
+                      num_workers=1, max_image_pixels=80_000)
+    loader = build_loader(cfg, rank=0, world_size=1)
+    keys = {k for batch in loader for k in batch["keys"]}
+    assert keys == {f"o{i}" for i in range(4)} | {f"k{i}" for i in range(4)}
+    errors = loader.errors
+    assert errors.by_source == {"odd": {"read": 6, "corrupt_samples": 2, "damaged_shards": 0},
+                                "ok": {"read": 4, "corrupt_samples": 0, "damaged_shards": 0}}
+    assert "max_image_aspect=20" in errors.samples[f"{tmp_path}/odd-000000.tar#strip"]
+    assert "max_image_pixels=80000" in errors.samples[f"{tmp_path}/odd-000000.tar#big"]
+
+
 def test_non_resampled_two_ranks_two_workers_every_sample_once(tmp_path):
     pattern, keys = write_caption_shards(tmp_path, "cc", n_shards=8, per_shard=5)
     write_manifest(tmp_path, {f"cc-{i:06d}.tar": 5 for i in range(8)})

@@ -93,6 +93,33 @@ def test_random_resized_crop_area_and_ratio():
         assert 0.19 * 60000 <= w * h <= 60000 * 1.01
 
 
+def test_random_resized_crop_stays_inside_the_image_for_every_shape():
+    """Property over random sizes, biased to extreme aspect ratios (where the 10 draws fail and the fallback runs)."""
+    rng, fallbacks = random.Random(1), 0
+    for _ in range(20000):
+        width = rng.choice([1, 2, 3, rng.randint(1, 64), rng.randint(1, 5000)])
+        height = rng.choice([1, 2, 3, rng.randint(1, 64), rng.randint(1, 5000)])
+        lo = rng.uniform(0.01, 1.0)
+        scale = (lo, rng.uniform(lo, 1.0))
+        left, top, w, h = random_resized_crop_box(rng, width, height, scale)
+        assert 1 <= w and 1 <= h and 0 <= left and left + w <= width and 0 <= top and top + h <= height, \
+            (width, height, scale, (left, top, w, h))
+        fallbacks += max(width, height) / min(width, height) > 4
+    assert fallbacks > 1000  # the extreme shapes were exercised
+
+
+@pytest.mark.parametrize("size", [(400, 100), (100, 400), (20000, 3), (3, 20000)])
+def test_train_transform_on_a_wide_or_tall_image_never_pads(size):
+    """On a white image every output pixel stays white: a crop box leaving the image would bring in black."""
+    img = Image.new("RGB", size, (255, 255, 255))
+    t = image_transform(32, train=True)
+    t.randaug = RandAugment(ops=["Identity"])
+    white = (torch.ones(3) - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    for seed in range(200):
+        out = t(img, random.Random(seed))
+        assert torch.allclose(out, white[:, None, None].expand_as(out), atol=1e-3), (size, seed)
+
+
 def test_train_transform_deterministic_per_rng_and_normalised():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8))
     t = image_transform(32, train=True)

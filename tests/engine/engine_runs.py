@@ -3,9 +3,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from mplug_ds.runtime.launch_env import free_port
 
@@ -54,3 +59,83 @@ def step_losses(out_dir: Path, after_resume: bool = False) -> dict[int, dict]:
         last = max(i for i, r in enumerate(rows) if r["event"] == "resume")
         rows = rows[last:]
     return {r["step"]: r for r in rows if r["event"] == "step"}
+
+
+FAULTS = Path(__file__).resolve().parent / "faults"
+
+
+@dataclass
+class Ended:
+    """How a run ended: exit code of the launcher, its output, and seconds from the mark to the last exit."""
+
+    code: int
+    output: str
+    seconds: float
+
+
+def run_until_all_exit(command: list[str], limit: float = 60.0, mark: str | None = None, fault: str | None = None,
+                       startup: float = 300.0, on_mark: Callable[[subprocess.Popen], None] | None = None) -> Ended:
+    """Run in a new process group and wait until every process in it has exited.
+
+    Fails when that takes more than ``limit`` seconds after ``mark`` first appears in the output (from the
+    start without a mark; the mark itself may take ``startup`` seconds). ``fault`` sets ``MPLUG_DS_FAULT`` and
+    puts ``tests/engine/faults`` first on the ranks' path; ``on_mark(proc)`` runs once the mark is seen. The whole
+    group is SIGKILLed on the way out.
+    """
+    env = run_env()
+    if fault:
+        env["MPLUG_DS_FAULT"] = fault
+        env["PYTHONPATH"] = os.pathsep.join([str(FAULTS), *filter(None, [env.get("PYTHONPATH")])])
+    started = time.monotonic()
+    marked: list[float] = [] if mark else [started]
+    lines: list[str] = []
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if not marked and mark in line:
+                marked.append(time.monotonic())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    acted = False
+    try:
+        while True:
+            if marked and on_mark is not None and not acted:
+                on_mark(proc)
+                acted = True
+            proc.poll()
+            if not group_alive(proc.pid):
+                break
+            now = time.monotonic()
+            assert marked or now - started < startup, f"'{mark}' not seen in {startup:.0f} s:\n{''.join(lines)[-6000:]}"
+            assert not marked or now - marked[0] < limit, (
+                f"processes still running {limit:.0f} s after {mark or 'the start'}:\n{''.join(lines)[-6000:]}")
+            time.sleep(0.2)
+        reader.join(timeout=10)
+        return Ended(proc.wait(), "".join(lines), time.monotonic() - marked[0])
+    finally:
+        kill_group(proc.pid)
+
+
+def group_alive(pgid: int) -> bool:
+    """True while any process of the process group ``pgid`` (zombies excluded) exists."""
+    import psutil
+
+    for p in psutil.process_iter(["pid", "status"]):
+        try:
+            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, PermissionError):
+            continue
+    return False
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL every process left in the group (a test's ``finally``)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

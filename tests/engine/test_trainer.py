@@ -24,25 +24,9 @@ from mplug_ds.engine.train_config import load_train_config
 from mplug_ds.engine.trainer import Trainer
 from mplug_ds.engine.validate import validate
 from mplug_ds.objectives.pretrain_recipe import PretrainRecipe
+from mplug_ds.runtime.atomic import atomic_torch_save, atomic_write_text
 from mplug_ds.runtime.guards import NonFiniteLossError, StopRequest
-from mplug_ds.runtime.launch_env import prepare_world_env
 from tests.engine.engine_runs import PRETRAIN, REPO, records, run_env, step_losses
-
-
-@pytest.fixture(scope="module")
-def world():
-    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    if saved["RANK"] is None:
-        for key in saved:
-            os.environ.pop(key, None)
-    yield prepare_world_env()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 def _trainer(world, out, *overrides):
@@ -110,6 +94,30 @@ def test_checkpoints_keep_last_n_and_resume_restores_state_bit_for_bit(world, tm
     second.optimizer_step(data, StopRequest())
     assert second.state.step == 4
     second.logger.close()
+
+
+def test_metrics_after_a_resume_hold_one_history(world, tmp_path):
+    """Steps logged after the last checkpoint by a run that then died are replaced by the resumed run's."""
+    killed = _trainer(world, tmp_path, "schedule.total_steps=3", "checkpoint.every_steps=2",
+                      "checkpoint.save_final=false", "eval.retrieval=false")
+    killed.train()  # stands in for a run killed after step 3: its checkpoint is at step 2
+    with open(tmp_path / "metrics.jsonl", "a") as metrics:
+        metrics.write('{"event": "step", "step": 4, "lo')  # the line the kill cut short
+    resumed = _trainer(world, tmp_path, "schedule.total_steps=4", "run.resume=auto", "eval.retrieval=false")
+    resumed.train()
+    rows = records(tmp_path)
+    assert [r["step"] for r in rows if r["event"] == "step"] == [1, 2, 3, 4]
+    resume = [r for r in rows if r["event"] == "resume"]
+    assert len(resume) == 1 and resume[0]["step"] == 2 and resume[0]["superseded_records"] == 2
+    assert [r["step"] for r in rows if r["event"] == "checkpoint"] == [2, 4]
+
+
+def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path):
+    with pytest.raises(Exception):
+        atomic_torch_save({"not picklable": lambda: None}, tmp_path / "state.pt")
+    with pytest.raises(UnicodeEncodeError):
+        atomic_write_text(tmp_path / "note.txt", "\udc80")  # a lone surrogate cannot be written
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_sigterm_to_the_process_group_saves_a_checkpoint_and_exits_zero(tmp_path):
