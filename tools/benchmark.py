@@ -37,6 +37,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default="tiny", help="model config name or YAML path")
     parser.add_argument("--zero", type=int, default=2, choices=(1, 2, 3), help="ZeRO stage")
     parser.add_argument("--offload", action="store_true", help="ZeRO-3 with CPU offload (zero3_offload.json)")
+    parser.add_argument("--zero-on-one-rank", action="store_true",
+                        help="keep ZeRO-1/2 on a 1-rank run (default: stage 0 there, see deepspeed.zero_on_one_rank)")
     parser.add_argument("--batch", type=int, default=8, help="micro-batch per device")
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
@@ -63,6 +65,7 @@ def measure(args: argparse.Namespace, attn: str, world, out_dir: str) -> dict:
         f"model.name={args.model}", f"model.overrides.attn_backend={attn}",
         f"model.overrides.grad_checkpointing={str(args.grad_checkpointing).lower()}",
         f"batch.micro_batch_per_gpu={args.batch}", "batch.grad_accum_steps=1", f"deepspeed.config={ds}",
+        f"deepspeed.zero_on_one_rank={str(args.zero_on_one_rank).lower()}",
         f"deepspeed.precision={precision}", f"data.max_text_len={args.text_len}", "logging.report_to=[none]",
         f"schedule.total_steps={total}", f"schedule.warmup_steps={min(2, total)}", f"logging.every_steps={total}",
         "logging.progress_bar=false", f"run.output_dir={out_dir}"])
@@ -97,7 +100,7 @@ def measure(args: argparse.Namespace, attn: str, world, out_dir: str) -> dict:
     device_name = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"
     peak = device_peak_tflops(device_name) if engine.device.type == "cuda" else None
     result = {
-        "model": args.model, "attn": attn, "zero": 3 if args.offload else args.zero, "offload": args.offload,
+        "model": args.model, "attn": attn, "zero": engine.zero_optimization_stage(), "offload": args.offload,
         "precision": precision, "grad_checkpointing": args.grad_checkpointing, "batch_per_device": args.batch,
         "world_size": world.world_size, "device": device_name, "steps": args.steps,
         "text_len": lengths.text, "skipped_batches": trainer.state.skipped_batches,
