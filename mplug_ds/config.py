@@ -8,10 +8,13 @@ file of the same kind; later keys win.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import io
+import tokenize
 import types
 import typing
 from pathlib import Path
-from typing import Any, Mapping, Sequence, TypeVar
+from typing import Any, Mapping, NamedTuple, Sequence, TypeVar
 
 import yaml
 
@@ -154,6 +157,93 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
     raise ConfigError(f"'{where}' must be of type {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+class ConfigKey(NamedTuple):
+    """One leaf of a config tree as ``--help`` lists it."""
+
+    key: str  # dotted, e.g. optim.lr; list items as sources[].name
+    type: str
+    default: str  # YAML spelling; "(required)" for list-item fields without a default
+    help: str  # the field's trailing comment in its dataclass
+
+
+def config_keys(cls: type, prefix: str = "", defaults: bool = True) -> list[ConfigKey]:
+    """Every leaf key of the dataclass tree ``cls`` with its type, default and one-line meaning.
+
+    The meaning is the trailing ``# comment`` of the field's line in the dataclass source, so the listing is
+    generated from the typed tree itself. Nested dataclasses are expanded; a list of dataclasses is listed
+    itself and then as ``key[].field``. ``defaults=False`` shows ``-`` instead (keys whose value comes from
+    elsewhere, such as model overrides).
+    """
+    hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
+    keys = []
+    for f in dataclasses.fields(cls):
+        tp, key = hints[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            keys += config_keys(tp, f"{key}.", defaults)
+            continue
+        keys.append(ConfigKey(key, _type_name(tp), _default(f) if defaults else "-", comments.get(f.name, "")))
+        item = (typing.get_args(tp) or (None,))[0]
+        if typing.get_origin(tp) is list and dataclasses.is_dataclass(item):
+            keys += config_keys(item, f"{key}[].", defaults)
+    return keys
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """``{field: trailing comment}`` from the source of ``cls`` and its dataclass bases."""
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        source = inspect.getsource(klass)
+        name, depth = None, 0
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.NEWLINE:
+                name = None
+            elif tok.type == tokenize.OP and tok.string in "([{":
+                depth += 1
+            elif tok.type == tokenize.OP and tok.string in ")]}":
+                depth -= 1
+            elif tok.type == tokenize.NAME and name is None and depth == 0 and tok.start[1] > 0 \
+                    and tok.line[tok.start[1] + len(tok.string):].lstrip().startswith(":"):
+                name = tok.string
+            elif tok.type == tokenize.COMMENT and name is not None:
+                comments[name] = tok.string.lstrip("#").strip()
+    return comments
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return "{" + ",".join(str(a) for a in args) + "}"
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin in (list, tuple, Sequence):
+        return f"list[{_type_name(args[0])}]" if args else "list"
+    if origin is dict:
+        return "mapping"
+    return "any" if tp is Any else getattr(tp, "__name__", str(tp))
+
+
+def _default(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return "(required)"
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).removesuffix("...\n").strip()
+
+
+def format_config_keys(keys: Sequence[ConfigKey]) -> str:
+    """Aligned ``key  type  default  meaning`` lines (for ``--help`` epilogs)."""
+    widths = [max(len(k[i]) for k in keys) for i in range(3)]
+    return "\n".join(f"  {k.key:<{widths[0]}}  {k.type:<{widths[1]}}  {k.default:<{widths[2]}}  {k.help}".rstrip()
+                     for k in keys)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

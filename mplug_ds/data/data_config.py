@@ -13,49 +13,59 @@ from mplug_ds.data.sample import Task
 class SourceConfig:
     """One shard set: a brace URL pattern, its mixing weight and an optional manifest with sample counts."""
 
-    name: str
-    shards: str
-    weight: float = 1.0
-    manifest: str | None = None
+    name: str  # a label for logs and skip reports
+    shards: str  # shard URLs: braces '/d/{000000..000331}.tar', globs, or several joined by '::'
+    weight: float = 1.0  # mixing weight among the sources of a resampled stream
+    manifest: str | None = None  # manifest.json (tools/make_shards.py) or sizes.json with per-shard sample counts
 
 
 @dataclass
-class DataConfig:
-    """A training or evaluation stream (the ``data`` block of a pre-training or task config).
+class StreamConfig:
+    """How a stream reads, mixes, shuffles and augments samples: what a run's YAML sets under ``data.pipeline``.
 
     ``resampled`` streams draw shards with replacement and mix sources per sample by ``weight``; an epoch is
     ``epoch_samples`` samples over all ranks (default: the manifests' total). Non-resampled streams read every
     shard of every source once per epoch, split by rank then by worker (weights are not used).
     """
 
-    sources: list[SourceConfig] = field(default_factory=list)
-    task: Task = "caption"
-    train: bool = True
-    resampled: bool = True
-    batch_size: int = 64
-    num_workers: int = 4
-    seed: int = 42
-    image_res: int = 256
-    patch_size: int = 16
+    sources: list[SourceConfig] = field(default_factory=list)  # the shard sets to read
+    resampled: bool = True  # draw shards with replacement and mix sources by weight (else: each shard once)
+    num_workers: int = 4  # DataLoader worker processes per rank
+    seed: int = 42  # seed of shard order, shuffling and augmentation
     scale_min: float = 0.2  # RandomResizedCrop lower scale: 0.2 pre-training, 0.5 fine-tuning
-    max_len: int = 30  # text tokens including [CLS] and [SEP]
-    max_words: int = 30
-    answer_max_len: int = 10
-    max_regions: int = 5
-    min_region_inside: float = 0.5
+    max_words: int = 30  # captions are cut to this many words before tokenizing
+    answer_max_len: int = 10  # VQA answer tokens including [SEP]
+    max_regions: int = 5  # region texts kept per image (region task)
+    min_region_inside: float = 0.5  # a region is kept when this share of its box survives the crop
     careful_flip: bool = False  # swap 'left'/'right' in region texts when the crop is flipped
-    shard_shuffle: bool = True
-    shuffle_buffer: int = 1000
-    shuffle_initial: int = 100
-    epoch_samples: int | None = None
-    drop_last: bool = True
+    shard_shuffle: bool = True  # shuffle the shard order each epoch
+    shuffle_buffer: int = 1000  # samples held in the per-worker shuffle buffer
+    shuffle_initial: int = 100  # samples buffered before the first one is yielded
+    epoch_samples: int | None = None  # samples per epoch over all ranks (default: the manifests' total)
+    drop_last: bool = True  # drop a worker's last incomplete batch
     # Larger or more elongated images are skipped and counted like corrupt samples (checked before decoding).
-    max_image_pixels: int = 40_000_000
-    max_image_aspect: float = 20.0
+    max_image_pixels: int = 40_000_000  # images with more pixels are skipped and counted
+    max_image_aspect: float = 20.0  # images more elongated than this are skipped and counted
     warn_skipped_fraction: float = 0.01  # warn loudly once a source skipped more than this share of samples read
 
 
-def image_limits(cfg: DataConfig) -> ImageLimits:
+@dataclass
+class DataConfig(StreamConfig):
+    """A training or evaluation stream: the ``StreamConfig`` plus the fields its owner sets (task, batch geometry).
+
+    In a pre-training run those fields come from the run config (``batch.micro_batch_per_gpu``, the model,
+    ``data.max_text_len``); a fine-tuning task sets them from its own config.
+    """
+
+    task: Task = "caption"  # which preparation and collate: caption, region, vqa, grounding, nlvr2, ve
+    train: bool = True  # training transforms (random crops, flips) and training-only checks
+    batch_size: int = 64  # samples per batch on each rank
+    image_res: int = 256  # image side after the transform
+    patch_size: int = 16  # ViT patch size (box → patch labels)
+    max_len: int = 30  # text tokens including [CLS] and [SEP]
+
+
+def image_limits(cfg: StreamConfig) -> ImageLimits:
     """The image size limits of a data config."""
     return ImageLimits(cfg.max_image_pixels, cfg.max_image_aspect)
 

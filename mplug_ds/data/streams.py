@@ -14,10 +14,9 @@ from typing import Any, Iterator, Literal
 import torch
 import torch.distributed as dist
 
-from mplug_ds.config import ConfigError
 from mplug_ds.data.batch import Batch, RetrievalSet
 from mplug_ds.data.collate import tokenize
-from mplug_ds.data.data_config import DataConfig, SourceConfig, image_limits
+from mplug_ds.data.data_config import DataConfig, SourceConfig, StreamConfig, image_limits
 from mplug_ds.data.demo_shards import DemoShards, demo_shards, prepare_demo_shards
 from mplug_ds.data.pipeline import ShardLoader
 from mplug_ds.data.reading import DataErrors, iter_samples
@@ -27,42 +26,34 @@ from mplug_ds.runtime.guards import sigterm_blocked
 from mplug_ds.runtime.launch_env import WorldInfo
 
 DataSource = Literal["demo", "shards", "synthetic"]
-DERIVED_FIELDS = {"batch_size": "batch.micro_batch_per_gpu", "image_res": "model vision.image_size",
-                  "patch_size": "model vision.patch_size", "max_len": "data.max_text_len"}
 
 
 @dataclass
 class DataSection:
-    """Where batches come from.
+    """Where pre-training batches come from.
 
     ``demo``: the built-in demo world, generated and sharded into ``cache_dir`` on first use.
     ``shards``: WebDataset shards listed in ``pipeline.sources`` (written by ``tools/make_shards.py``);
     ``eval_shards`` (optional caption shards) feed the end-of-run zero-shot retrieval.
     ``synthetic``: random images with real-tokenizer captions generated in-process (benchmarks, engine tests).
-    ``pipeline`` is the shard pipeline's own config (sources, workers, shuffling, augmentation); its
-    ``batch_size``, ``image_res``, ``patch_size`` and ``max_len`` come from ``batch.micro_batch_per_gpu``, the
-    model and ``max_text_len``, so leave them unset.
+    ``pipeline`` is how the shard stream reads, mixes, shuffles and augments; the batch size, image size and text
+    length come from ``batch.micro_batch_per_gpu``, the model and ``max_text_len``.
     """
 
-    source: DataSource = "demo"
-    max_text_len: int = 30  # text tokens including [CLS] and [SEP]
-    pipeline: DataConfig = field(default_factory=DataConfig)
-    eval_shards: str | None = None
-    cache_dir: str = "~/.cache/mplug_ds/demo"
-
+    source: DataSource = "demo"  # demo, shards or synthetic
+    max_text_len: int = 30  # most text tokens per caption including [CLS] and [SEP] (longer ones are cut)
+    pipeline: StreamConfig = field(default_factory=StreamConfig)
+    eval_shards: str | None = None  # caption shards for the end-of-run zero-shot retrieval (source=shards)
+    cache_dir: str = "~/.cache/mplug_ds/demo"  # where the demo shards are generated once (source=demo)
 
 
 def pipeline_config(data: DataSection, batch_size: int, image_res: int, patch_size: int,
                     sources: list[SourceConfig] | None = None) -> DataConfig:
-    """The shard pipeline's config with the run-owned fields filled in (pre-training captions, training mode)."""
-    given, default = data.pipeline, DataConfig()
-    derived = {"batch_size": batch_size, "image_res": image_res, "patch_size": patch_size,
-               "max_len": data.max_text_len}
-    for name, value in derived.items():
-        if getattr(given, name) not in (getattr(default, name), value):
-            raise ConfigError(f"data.pipeline.{name}={getattr(given, name)} disagrees with {DERIVED_FIELDS[name]} "
-                              f"({value}); remove data.pipeline.{name} (the engine sets it)")
-    return dataclasses.replace(given, task="caption", train=True, sources=sources or given.sources, **derived)
+    """The shard pipeline's config: ``data.pipeline`` plus pre-training captions in training mode at this geometry."""
+    stream = {f.name: getattr(data.pipeline, f.name) for f in dataclasses.fields(StreamConfig)}
+    stream["sources"] = sources or stream["sources"]
+    return DataConfig(**stream, task="caption", train=True, batch_size=batch_size, image_res=image_res,
+                      patch_size=patch_size, max_len=data.max_text_len)
 
 
 class EndlessShardBatches:

@@ -8,10 +8,11 @@ import sys
 from functools import partial
 from typing import TYPE_CHECKING, Sequence
 
-from mplug_ds.config import ConfigError
+from mplug_ds.config import ConfigError, config_keys, format_config_keys
 from mplug_ds.engine.data_health import format_skipped
 from mplug_ds.engine.train_config import TrainConfig, load_train_config
 from mplug_ds.engine.validate import ResolvedRun, validate
+from mplug_ds.models.config import ModelConfig
 from mplug_ds.runtime.failure import exit_hard_on_failure
 from mplug_ds.runtime.launch_env import WorldInfo, prepare_world_env
 
@@ -25,8 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Arguments shared by every launcher (deepspeed, torchrun, srun, plain python)."""
     parser = argparse.ArgumentParser(
         description="mPLUG pre-training on DeepSpeed. With no arguments: the CPU demo (tiny model, demo data).",
-        epilog="Any other argument is a key=value override of the YAML, e.g. batch.micro_batch_per_gpu=32 "
-               "deepspeed.config=zero3 schedule.total_steps=20000")
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=config_help())
     parser.add_argument("--config", default="demo", help="pre-training config: a name under "
                         "mplug_ds/configs/pretrain (demo, base, large) or a YAML path (default: demo)")
     parser.add_argument("--output-dir", "--output_dir", dest="output_dir", help="overrides run.output_dir")
@@ -38,11 +38,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report-to", "--report_to", dest="report_to",
                         help="comma-separated: wandb,tensorboard,none (overrides logging.report_to)")
     parser.add_argument("--deepspeed_config", "--ds-config", dest="deepspeed_config",
-                        help="DeepSpeed JSON template (zero1, zero2, zero3, zero3_offload, or a path); overrides deepspeed.config")
+                        help="DeepSpeed JSON template (zero1, zero2, zero3, zero3_offload, or a path); "
+                        "overrides deepspeed.config")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the deepspeed launcher (LOCAL_RANK is read from the environment)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the YAML config")
     return parser
+
+
+def config_help() -> str:
+    """Every configuration key with its type, built-in default and meaning, generated from the config tree."""
+    keys = config_keys(TrainConfig) + config_keys(ModelConfig, "model.overrides.", defaults=False)
+    return ("Any other argument is a key=value override of the YAML, e.g. batch.micro_batch_per_gpu=32 "
+            "deepspeed.config=zero3 schedule.total_steps=20000.\n"
+            "Configuration keys (defaults are the built-in ones; the --config YAML sets many of them; "
+            "model.overrides.* default to the named model's values):\n" + format_config_keys(keys))
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -11,6 +11,7 @@ from typing import Any, Literal, Sequence
 
 from mplug_ds.config import load_config
 from mplug_ds.data.streams import DataSection
+from mplug_ds.objectives.pretrain import PretrainConfig
 
 Precision = Literal["bf16", "fp16", "fp32"]
 
@@ -19,8 +20,8 @@ Precision = Literal["bf16", "fp16", "fp32"]
 class ModelSection:
     """Which mPLUG to build: a named size (``tiny``, ``mplug.en.base`` …) or a YAML path, plus field overrides."""
 
-    name: str = "tiny"
-    overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {grad_checkpointing: true}
+    name: str = "tiny"  # a named model (tiny, mplug.en.base, mplug.en.large, ...) or a model YAML path
+    overrides: dict[str, Any] = field(default_factory=dict)  # model config fields to change (model.overrides.* keys)
     init_from: str | None = None  # an export directory (tools/export_checkpoint.py) to start from
 
     def override_list(self) -> list[str]:
@@ -32,44 +33,44 @@ class ModelSection:
 class BatchSection:
     """Batch geometry; ``global_batch_size`` (optional) must equal micro × accumulation × ranks."""
 
-    micro_batch_per_gpu: int = 8
-    grad_accum_steps: int = 1
-    global_batch_size: int | None = None
+    micro_batch_per_gpu: int = 8  # samples per device per forward/backward
+    grad_accum_steps: int = 1  # micro-batches accumulated per optimizer step
+    global_batch_size: int | None = None  # samples per optimizer step over all ranks; sets grad_accum_steps
 
 
 @dataclass
 class OptimSection:
     """AdamW with one learning rate for ``visual.*`` and one for everything else."""
 
-    lr: float = 1e-4
-    visual_lr: float = 1e-5
-    weight_decay: float = 0.02
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 disables clipping
+    lr: float = 1e-4  # peak learning rate of every parameter outside visual.*
+    visual_lr: float = 1e-5  # peak learning rate of the vision tower (visual.*)
+    weight_decay: float = 0.02  # AdamW decay of matrices (not biases, norms, embeddings, temperature)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
+    eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
 
 
 @dataclass
 class ScheduleSection:
     """Linear warm-up from ``warmup_lr`` then cosine to ``min_lr``, per optimizer step; distillation ramp."""
 
-    total_steps: int = 1000
-    warmup_steps: int = 100
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-6
+    total_steps: int = 1000  # optimizer steps of the run
+    warmup_steps: int = 100  # optimizer steps of linear warm-up from warmup_lr to the peak
+    warmup_lr: float = 1e-6  # learning rate at step 0
+    min_lr: float = 1e-6  # learning rate at the end of the cosine decay
     alpha_warmup_steps: int = 0  # distillation weight ramps linearly from 0 to objective.alpha over these steps
 
 
 @dataclass
 class DeepSpeedSection:
-    """Which DeepSpeed JSON template to fill (``zero1``, ``zero2``, ``zero3``, ``zero3_offload`` or a path) and the precision.
+    """Which DeepSpeed JSON template to fill (a built-in name or a path) and the numeric precision.
 
     ZeRO-1/2 partition nothing when the data-parallel world is one rank, but still pay for flat buffers, an extra
     fp32 copy of the weights and gradient copies; such runs use stage 0 unless ``zero_on_one_rank`` is true.
     """
 
-    config: str = "zero2"
-    precision: Precision = "bf16"
+    config: str = "zero2"  # DeepSpeed template: zero1, zero2, zero3, zero3_offload or a .json path
+    precision: Precision = "bf16"  # bf16, fp16 (CUDA only) or fp32
     zero_on_one_rank: bool = False  # keep ZeRO-1/2 on a 1-rank run (default: stage 0, which is faster there)
 
 
@@ -77,44 +78,43 @@ class DeepSpeedSection:
 class CheckpointSection:
     """DeepSpeed checkpoints under ``<output_dir>/checkpoints``."""
 
-    every_steps: int = 500
-    keep_last: int = 3
-    save_final: bool = True
-    # Resume from files that need full unpickling (which can run code): only for checkpoints you trust.
-    trust_pickles: bool = False
+    every_steps: int = 500  # save a checkpoint every this many optimizer steps
+    keep_last: int = 3  # complete checkpoints kept (older ones are deleted)
+    save_final: bool = True  # save a checkpoint after the last step
+    trust_pickles: bool = False  # resume from files needing full unpickling (can run code): trusted checkpoints only
 
 
 @dataclass
 class LoggingSection:
     """Progress line cadence, metric sinks and the progress bar."""
 
-    every_steps: int = 10
-    report_to: list[str] = field(default_factory=lambda: ["none"])  # any of wandb, tensorboard, none
-    wandb_project: str = "mplug_ds"
-    progress_bar: bool = True
+    every_steps: int = 10  # print a progress line every this many steps (metrics.jsonl gets every step)
+    report_to: list[str] = field(default_factory=lambda: ["none"])  # metric sinks: any of wandb, tensorboard, none
+    wandb_project: str = "mplug_ds"  # wandb project name
+    progress_bar: bool = True  # tqdm bar on a terminal
 
 
 @dataclass
 class EvalSection:
     """End-of-run zero-shot retrieval on a held-out split (demo: its test split)."""
 
-    retrieval: bool = True
-    max_samples: int = 256
-    batch_size: int = 32
+    retrieval: bool = True  # run zero-shot image-text retrieval after the last step
+    max_samples: int = 256  # held-out images used (with all their captions)
+    batch_size: int = 32  # images or captions encoded at once
 
 
 @dataclass
 class RunSection:
     """Where outputs go and how the run behaves."""
 
-    output_dir: str = "outputs/pretrain"
-    seed: int = 42
-    deterministic: bool = False  # bit-reproducible kernels (slower); needed for exact resume comparisons
+    output_dir: str = "outputs/pretrain"  # metrics, configs and checkpoints go here
+    seed: int = 42  # initial weights, dropout, masking and negatives (per-rank streams derive from it)
+    deterministic: bool = False  # bit-reproducible kernels (slower); for exact resume comparisons
     max_nonfinite_steps: int = 5  # abort after this many non-finite losses in a row
-    resume: str | None = None  # None, "auto" (newest complete checkpoint) or a checkpoint path
+    resume: str | None = None  # null, auto (newest complete checkpoint, else fresh) or a checkpoint path
     # A collective that waits longer than this fails the rank (a peer hung or died): keep it above the slowest
     # checkpoint save and data preparation, since the other ranks wait in a barrier meanwhile.
-    collective_timeout_s: float = 600.0
+    collective_timeout_s: float = 600.0  # seconds a collective may wait before the rank fails
 
 
 @dataclass
@@ -143,7 +143,7 @@ class TrainConfig(EngineConfig):
     """Everything one pre-training run needs: the engine sections plus model, objective, data and eval."""
 
     model: ModelSection = field(default_factory=ModelSection)
-    objective: dict[str, Any] = field(default_factory=dict)  # fields of objectives.pretrain.PretrainConfig
+    objective: PretrainConfig = field(default_factory=PretrainConfig)
     data: DataSection = field(default_factory=DataSection)
     eval: EvalSection = field(default_factory=EvalSection)
 

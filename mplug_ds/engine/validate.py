@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from mplug_ds.config import ConfigError, from_dict
+from mplug_ds.config import ConfigError
 from mplug_ds.data.pipeline import check_config, check_shard_files
 from mplug_ds.data.streams import pipeline_config
 from mplug_ds.engine.checkpoint import resolve_resume
@@ -165,5 +165,8 @@ def validate(cfg: TrainConfig, world_size: int) -> ResolvedRun:
                                          model.vision.patch_size), where="data.pipeline")
         except ValueError as err:
             raise ConfigError(str(err)) from None
-    objective = from_dict(PretrainConfig, cfg.objective, "objective")
-    return ResolvedRun(ds_config=engine.ds_config, report_to=engine.report_to, model=model, objective=objective)
+    o = cfg.objective
+    if not 0 <= o.alpha <= 1 or not 0 <= o.momentum < 1 or not 0 < o.mlm_probability < 1:
+        raise ConfigError(f"objective: alpha must be in [0, 1] (got {o.alpha}), momentum in [0, 1) (got {o.momentum}) "
+                          f"and mlm_probability in (0, 1) (got {o.mlm_probability})")
+    return ResolvedRun(ds_config=engine.ds_config, report_to=engine.report_to, model=model, objective=o)

@@ -14,50 +14,50 @@ AttnBackend = Literal["sdpa", "flash_attn", "eager"]
 class VisionConfig:
     """CLIP ViT image tower (OpenAI layout: pre-LN blocks, ln_pre/ln_post, QuickGELU)."""
 
-    image_size: int = 256
-    patch_size: int = 16
-    width: int = 768
-    layers: int = 12
-    heads: int = 12
-    mlp_ratio: float = 4.0
-    attn_dropout: float = 0.0
-    layer_norm_eps: float = 1e-5
+    image_size: int = 256  # input image side in pixels
+    patch_size: int = 16  # ViT patch side in pixels
+    width: int = 768  # ViT hidden size
+    layers: int = 12  # ViT blocks
+    heads: int = 12  # ViT attention heads
+    mlp_ratio: float = 4.0  # ViT MLP width / hidden size
+    attn_dropout: float = 0.0  # ViT attention dropout
+    layer_norm_eps: float = 1e-5  # ViT LayerNorm epsilon
 
 
 @dataclass
 class TextConfig:
     """BERT widths shared by the text encoder, the fusion layers and the decoder."""
 
-    vocab_size: int = 30522
-    hidden_size: int = 768
-    heads: int = 12
-    intermediate_size: int = 3072
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    layer_norm_eps: float = 1e-12
-    hidden_dropout: float = 0.1
-    attn_dropout: float = 0.1
-    initializer_range: float = 0.02
+    vocab_size: int = 30522  # WordPiece vocabulary size (bert-base-uncased)
+    hidden_size: int = 768  # text, fusion and decoder hidden size
+    heads: int = 12  # attention heads of the BERT blocks
+    intermediate_size: int = 3072  # BERT MLP width
+    max_position_embeddings: int = 512  # longest text the position embeddings cover
+    type_vocab_size: int = 2  # BERT token-type embeddings
+    layer_norm_eps: float = 1e-12  # BERT LayerNorm epsilon
+    hidden_dropout: float = 0.1  # dropout after BERT attention and MLP outputs
+    attn_dropout: float = 0.1  # BERT attention-probability dropout
+    initializer_range: float = 0.02  # std of the BERT weight initialisation
 
 
 @dataclass
 class ModelConfig:
     """One mPLUG model: vision tower, text encoder, skip-connected fusion, prefix-LM decoder and heads."""
 
-    name: str = "custom"
+    name: str = "custom"  # the size's name (informational; saved with the run)
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    text_encoder_layers: int = 6
-    fusion_layers: int = 6
-    fusion_stride: int = 3
+    text_encoder_layers: int = 6  # BERT blocks of the unimodal text encoder
+    fusion_layers: int = 6  # skip-connected fusion layers
+    fusion_stride: int = 3  # co-attention layers per connected layer
     # "official": connected layer at fusion-local j != 0 with j % stride == 0 (what released checkpoints ran);
     # "paper": `stride` co-attention layers then one connected layer, repeated.
-    fusion_schedule: Literal["official", "paper"] = "official"
-    decoder_layers: int = 12
-    embed_dim: int = 256
-    temp: float = 0.07
-    attn_backend: AttnBackend = "sdpa"
-    grad_checkpointing: bool = False
+    fusion_schedule: Literal["official", "paper"] = "official"  # connected layers as released (official) or as published
+    decoder_layers: int = 12  # prefix-LM decoder blocks
+    embed_dim: int = 256  # contrastive (ITA) feature size
+    temp: float = 0.07  # initial contrastive temperature (learned)
+    attn_backend: AttnBackend = "sdpa"  # attention kernels: sdpa, flash_attn or eager
+    grad_checkpointing: bool = False  # recompute block activations in backward (less memory, more compute)
 
     def __post_init__(self) -> None:
         if self.text.hidden_size % self.text.heads or self.vision.width % self.vision.heads:

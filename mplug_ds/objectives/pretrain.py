@@ -24,14 +24,14 @@ from mplug_ds.models.mplug import MPLUG
 class PretrainConfig:
     """Loss weights and distillation settings of the pre-training objective."""
 
-    ita_weight: float = 1.0
-    itm_weight: float = 1.0
-    mlm_weight: float = 1.0
-    prefix_weight: float = 1.0
+    ita_weight: float = 1.0  # weight of the image-text contrastive loss
+    itm_weight: float = 1.0  # weight of the image-text matching loss
+    mlm_weight: float = 1.0  # weight of the masked language modelling loss
+    prefix_weight: float = 1.0  # weight of the prefix language modelling (caption continuation) loss
     distill: bool = True  # momentum teacher for ITA targets and MLM soft labels
     alpha: float = 0.4  # distillation weight at the end of its warm-up (the engine ramps it)
-    momentum: float = 0.995
-    mlm_probability: float = 0.15
+    momentum: float = 0.995  # EMA factor of the momentum teacher per optimizer step
+    mlm_probability: float = 0.15  # share of caption word tokens picked for MLM
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,8 @@ from PIL import Image
 
 from mplug_ds.data.reading import DataErrors, iter_samples
 from mplug_ds.data.sample import Sample
+from tests.processes import REPO, kill_group, timeout
 
-REPO = Path(__file__).resolve().parents[2]
 MAKE_SHARDS = REPO / "tools" / "make_shards.py"
 
 
@@ -53,9 +53,14 @@ class ShardHelpers:
 
     @staticmethod
     def cli(*argv: Any) -> subprocess.CompletedProcess:
-        """``tools/make_shards.py`` run as its own process, as a user runs it."""
-        return subprocess.run([sys.executable, str(MAKE_SHARDS), *map(str, argv)], capture_output=True, text=True,
-                              cwd=REPO, timeout=120)
+        """``tools/make_shards.py`` run as its own process, as a user runs it (killed with its workers at the end)."""
+        proc = subprocess.Popen([sys.executable, str(MAKE_SHARDS), *map(str, argv)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=timeout(120))
+        finally:
+            kill_group(proc)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
     @staticmethod
     def manifest(out: Path) -> dict[str, Any]:

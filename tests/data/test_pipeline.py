@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import random
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -19,6 +18,7 @@ from mplug_ds.data.pipeline import build_loader
 from mplug_ds.data.reading import DataErrors, iter_samples
 from mplug_ds.data.sample import Sample
 from mplug_ds.data.tokenizer import CLS_ID, PAD_ID, SEP_ID, get_tokenizer
+from tests.processes import REPO, run_checked
 
 SMALL = {"image_res": 32, "patch_size": 16, "shuffle_buffer": 8, "shuffle_initial": 4}
 
@@ -273,7 +273,6 @@ def test_config_loads_from_yaml_and_rejects_unknown_keys(tmp_path):
 
 
 def test_benchmark_data_cli_reports_rates():
-    root = Path(__file__).resolve().parents[2]
-    out = subprocess.run([sys.executable, str(root / "tools" / "benchmark_data.py"), "--workers", "1", "--batches", "2",
-                          "--batch-size", "4", "--res", "32"], capture_output=True, text=True, check=True, timeout=120)
-    assert "images/s total" in out.stdout and "per worker" in out.stdout
+    out = run_checked([sys.executable, REPO / "tools" / "benchmark_data.py", "--workers", "1", "--batches", "2",
+                       "--batch-size", "4", "--res", "32"], 120)
+    assert "images/s total" in out and "per worker" in out

@@ -7,13 +7,7 @@ import torch
 
 from mplug_ds.config import ConfigError
 from mplug_ds.data.batch import CAPTION_TENSORS
-from mplug_ds.data.streams import (
-    DataSection,
-    EndlessShardBatches,
-    build_eval_set,
-    build_train_stream,
-    pipeline_config,
-)
+from mplug_ds.data.streams import EndlessShardBatches, build_eval_set, build_train_stream
 from mplug_ds.data.synthetic import SyntheticPretrainBatches
 from mplug_ds.engine.train_config import load_train_config
 from mplug_ds.runtime.launch_env import WorldInfo
@@ -73,8 +67,8 @@ def test_synthetic_and_shard_batches_share_layout_and_padding(demo_data, text_le
     assert synthetic["target_ids"].gather(1, synthetic["target_mask"].sum(1, keepdim=True) - 2).eq(102).all()
 
 
-def test_pipeline_fields_owned_by_the_engine_must_not_disagree():
-    data = DataSection()
-    data.pipeline.batch_size = 3
-    with pytest.raises(ConfigError, match=r"data\.pipeline\.batch_size=3"):
-        pipeline_config(data, 8, RES, PATCH)
+@pytest.mark.parametrize("key", ["batch_size", "image_res", "patch_size", "max_len", "task", "train"])
+def test_pipeline_keys_the_run_sets_are_rejected_by_name(key):
+    """They would be silently overwritten (by the batch size, the model, max_text_len, pre-training captions)."""
+    with pytest.raises(ConfigError, match=rf"unknown config key 'data\.pipeline\.{key}'"):
+        load_train_config("demo", [f"data.pipeline.{key}=1"])

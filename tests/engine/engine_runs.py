@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -13,18 +12,10 @@ from pathlib import Path
 from typing import Callable
 
 from mplug_ds.runtime.launch_env import free_port
+from tests.processes import REPO, child_env, kill_group, run_checked, timeout
 
-REPO = Path(__file__).resolve().parents[2]
 PRETRAIN = REPO / "launch" / "pretrain.py"
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
-
-
-def run_env() -> dict[str, str]:
-    """Environment for a child run: one thread per rank (2 ranks share this machine's cores), unbuffered."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)  # set in this process by in-process engine tests
-    return env
 
 
 def deepspeed_command(out_dir: Path, args: list[str], num_ranks: int = 2) -> list[str]:
@@ -33,18 +24,9 @@ def deepspeed_command(out_dir: Path, args: list[str], num_ranks: int = 2) -> lis
             *args, f"run.output_dir={out_dir}"]
 
 
-def start(command: list[str]) -> subprocess.Popen:
-    """Start a run in its own process group (so a test can kill the launcher and every rank at once)."""
-    return subprocess.Popen(command, cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-
-
-def run(command: list[str], timeout: float = 300) -> str:
+def run(command: list[str], seconds: float = 300) -> str:
     """Run to completion; fail with the run's output if it exits non-zero. Returns the output."""
-    proc = subprocess.run(command, cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=timeout)
-    assert proc.returncode == 0, f"exit code {proc.returncode}:\n{proc.stdout[-6000:]}"
-    return proc.stdout
+    return run_checked(command, seconds)
 
 
 def records(out_dir: Path) -> list[dict]:
@@ -80,9 +62,10 @@ def run_until_all_exit(command: list[str], limit: float = 60.0, mark: str | None
     Fails when that takes more than ``limit`` seconds after ``mark`` first appears in the output (from the
     start without a mark; the mark itself may take ``startup`` seconds). ``fault`` sets ``MPLUG_DS_FAULT`` and
     puts ``tests/engine/faults`` first on the ranks' path; ``on_mark(proc)`` runs once the mark is seen. The whole
-    group is SIGKILLed on the way out.
+    group is SIGKILLed on the way out. ``limit`` and ``startup`` are scaled by ``MPLUG_DS_TEST_TIMEOUT_SCALE``.
     """
-    env = run_env()
+    limit, startup = timeout(limit), timeout(startup)
+    env = child_env()
     if fault:
         env["MPLUG_DS_FAULT"] = fault
         env["PYTHONPATH"] = os.pathsep.join([str(FAULTS), *filter(None, [env.get("PYTHONPATH")])])
@@ -117,7 +100,7 @@ def run_until_all_exit(command: list[str], limit: float = 60.0, mark: str | None
         reader.join(timeout=10)
         return Ended(proc.wait(), "".join(lines), time.monotonic() - marked[0])
     finally:
-        kill_group(proc.pid)
+        kill_group(proc)
 
 
 def group_alive(pgid: int) -> bool:
@@ -131,11 +114,3 @@ def group_alive(pgid: int) -> bool:
         except (ProcessLookupError, PermissionError):
             continue
     return False
-
-
-def kill_group(pgid: int) -> None:
-    """SIGKILL every process left in the group (a test's ``finally``)."""
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass

@@ -1,23 +1,24 @@
 """tools/benchmark.py runs the real DeepSpeed step on CPU and reports the throughput figures."""
 import json
-import subprocess
 import sys
-from pathlib import Path
 
-from mplug_ds.engine.flops import pretrain_flops_per_sample, vit_flops
+from mplug_ds.engine.flops import device_peak_tflops, pretrain_flops_per_sample, vit_flops
 from mplug_ds.models.config import load_model_config
+from tests.processes import REPO as ROOT
+from tests.processes import run_checked
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def test_benchmark_prints_throughput_flops_and_memory_for_a_tiny_model():
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "--model", "tiny", "--steps", "2",
-                          "--warmup", "1", "--batch", "4", "--json"],
-                         check=True, capture_output=True, text=True, timeout=300).stdout
+def test_benchmark_runs_the_training_step_on_30_token_captions_and_reports_throughput():
+    out = run_checked([sys.executable, ROOT / "tools" / "benchmark.py", "--model", "tiny", "--steps", "2",
+                       "--warmup", "1", "--batch", "4", "--text-len", "30", "--json"], 300)
     result = json.loads(out.strip().splitlines()[-1])
+    assert result["text_len"] == 30  # every caption reaches the model padded to --text-len, as in training
+    assert result["skipped_batches"] == 0  # the trainer's step (with its non-finite guard) was timed
     assert result["samples_per_s"] > 0 and result["step_time_s"] > 0
     assert result["tflops_per_device"] > 0 and result["peak_memory_gb"] > 0
-    assert result["mfu"] is None  # no known peak for a CPU
+    peak = device_peak_tflops(result["device"])  # None on a CPU or an unknown GPU
+    assert (result["mfu"] is None) == (peak is None)
+    assert result["mfu"] is None or 0 < result["mfu"] < 1
 
 
 def test_flops_match_published_vit_figures_and_the_step_estimate():

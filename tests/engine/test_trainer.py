@@ -3,14 +3,13 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import time
 from functools import partial
 
 import pytest
 import torch
 
+from mplug_ds.config import to_dict
 from mplug_ds.engine.checkpoint import (
     COMPLETE,
     LATEST,
@@ -26,7 +25,8 @@ from mplug_ds.engine.validate import validate
 from mplug_ds.objectives.pretrain_recipe import PretrainRecipe
 from mplug_ds.runtime.atomic import atomic_torch_save, atomic_write_text
 from mplug_ds.runtime.guards import NonFiniteLossError, StopRequest
-from tests.engine.engine_runs import PRETRAIN, REPO, records, run_env, step_losses
+from tests.engine.engine_runs import PRETRAIN, records, step_losses
+from tests.processes import started, timeout, wait_for
 
 
 def _trainer(world, out, *overrides):
@@ -72,6 +72,13 @@ def test_nonfinite_batch_is_skipped_and_repeated_ones_abort(world, tmp_path, zer
 def test_checkpoints_keep_last_n_and_resume_restores_state_bit_for_bit(world, tmp_path):
     first = _trainer(world, tmp_path, "schedule.total_steps=3", "checkpoint.every_steps=1", "checkpoint.keep_last=2")
     summary = first.train()
+    # Everything resolved is saved beside the run and reproduces it: config (objective included), model, DeepSpeed.
+    rerun = load_train_config(tmp_path / "config.yaml", [f"model.name={tmp_path / 'model_config.yaml'}",
+                                                          f"deepspeed.config={tmp_path / 'ds_config.json'}"])
+    again = validate(rerun, world.world_size)
+    assert to_dict(again.model) == to_dict(first.recipe.resolved.model)
+    assert again.ds_config == first.resolved.ds_config and again.objective == first.cfg.objective
+    assert to_dict(rerun)["schedule"] == to_dict(first.cfg)["schedule"]
     ckpts = tmp_path / "checkpoints"
     assert [s for s, _ in complete_checkpoints(ckpts)] == [2, 3]
     assert (ckpts / LATEST).read_text() == tag_for(3) and summary.checkpoint == str(ckpts / tag_for(3))
@@ -127,16 +134,11 @@ def test_sigterm_to_the_process_group_saves_a_checkpoint_and_exits_zero(tmp_path
     command = [sys.executable, str(PRETRAIN), f"run.output_dir={out}", f"data.cache_dir={tmp_path / 'cache'}",
                "batch.micro_batch_per_gpu=4", "schedule.total_steps=100000", "checkpoint.every_steps=100000",
                "logging.progress_bar=false"]
-    proc = subprocess.Popen(command, cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
     metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while not (metrics.exists() and '"event": "step"' in metrics.read_text()):
-        assert proc.poll() is None, proc.stdout.read()[-4000:]
-        assert time.time() < deadline
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
+    with started(command) as proc:
+        wait_for(lambda: metrics.exists() and '"event": "step"' in metrics.read_text(), 120, proc, "a first step")
+        os.killpg(proc.pid, signal.SIGTERM)
+        output, _ = proc.communicate(timeout=timeout(120))
     assert proc.returncode == 0, output[-4000:]
     last_step = max(step_losses(out))
     assert latest_complete(out / "checkpoints") == out / "checkpoints" / tag_for(last_step)

@@ -5,8 +5,6 @@ reference, checkpointing correctness against ZeRO-2, and export. Runs are tiny (
 """
 import os
 import signal
-import subprocess
-import time
 
 import pytest
 import torch
@@ -14,7 +12,9 @@ import torch
 from mplug_ds.engine.checkpoint import COMPLETE, TEACHER_FILE, complete_checkpoints, tag_for
 from mplug_ds.engine.export import consolidate, export_checkpoint, load_exported
 from mplug_ds.models.config import load_model_config
-from tests.engine.engine_runs import REPO, deepspeed_command, records, run, run_env, start, step_losses
+from tests.engine.engine_runs import deepspeed_command, records, run, step_losses
+from tests.processes import run as run_command
+from tests.processes import started, timeout, wait_for
 
 STEPS = 6
 MOMENTUM = 0.5  # far from 1 so that an EMA taken from the bf16 compute copy would be visibly wrong
@@ -58,15 +58,11 @@ def test_zero3_run_logs_every_step_and_keeps_complete_checkpoints(zero3_run):
 
 
 def test_sigkilled_zero3_run_resumes_with_identical_losses_and_momentum(zero3_run, tmp_path):
-    proc = start(deepspeed_command(tmp_path, ZERO3))
     marker = tmp_path / "checkpoints" / tag_for(2) / COMPLETE
-    deadline = time.time() + 240
-    while not marker.exists():
-        assert proc.poll() is None, f"run ended before step 2:\n{proc.stdout.read()[-4000:]}"
-        assert time.time() < deadline, "no checkpoint at step 2 within 240 s"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
+    with started(deepspeed_command(tmp_path, ZERO3)) as proc:
+        wait_for(marker.exists, 240, proc, "a checkpoint at step 2")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout(60))
     killed_at = max(r["step"] for r in records(tmp_path) if r["event"] == "step")
     assert killed_at < STEPS, "the run finished before it could be killed"
 
@@ -144,8 +140,7 @@ def test_zero1_on_demo_shards(tmp_path):
 def test_batch_that_does_not_divide_over_the_ranks_fails_before_training(tmp_path):
     command = deepspeed_command(tmp_path, ["--config", "synthetic_tiny", "batch.micro_batch_per_gpu=4",
                                            "batch.global_batch_size=12"])
-    proc = subprocess.run(command, cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=180)
-    assert proc.returncode != 0
-    assert "batch.global_batch_size=12 is not divisible" in proc.stdout
+    code, output = run_command(command, 180)
+    assert code != 0
+    assert "batch.global_batch_size=12 is not divisible" in output
     assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()

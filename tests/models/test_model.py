@@ -1,8 +1,6 @@
 """Model structure: fusion schedules, KV-cached decoding, parameter counts of the named sizes."""
 import json
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +11,8 @@ from mplug_ds.models.config import load_model_config
 from mplug_ds.models.fusion import FusionEncoder, connected_layers
 from mplug_ds.models.generation import greedy_decode
 from mplug_ds.models.mplug import build_model
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.processes import REPO as ROOT
+from tests.processes import run_checked
 
 
 def test_official_schedule_matches_released_checkpoints_and_paper_schedule_repeats():
@@ -60,9 +58,22 @@ def test_unknown_model_key_is_rejected_with_its_name():
     ("mplug.en.base", 350e6, 0.07), ("mplug.en.large", 600e6, 0.07), ("mplug.en.large.v2", 600e6, 0.07),
     ("mplug.en.huge", 1.1e9, 0.12)])
 def test_model_info_totals_are_within_tolerance_of_published_sizes(name, target, tolerance):
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "model_info.py"), "--model", name, "--json"],
-                         check=True, capture_output=True, text=True).stdout
+    out = run_checked([sys.executable, ROOT / "tools" / "model_info.py", "--model", name, "--json"], 120)
     report = json.loads(out)
     assert abs(report["total"] - target) <= tolerance * target, report["total"]
     assert report["total"] == sum(report["modules"].values())
     assert report["momentum_teacher"] > 0
+
+
+def test_public_factory_lists_and_builds_the_named_models():
+    import mplug_ds
+
+    names = mplug_ds.list_models()
+    assert {"tiny", "mplug.en.base", "mplug.en.large", "mplug.en.huge"} <= set(names)
+    model = mplug_ds.create_model("tiny", attn_backend="eager", vision={"image_size": 32})
+    assert model.cfg.name == "tiny" and model.cfg.attn_backend == "eager" and model.cfg.vision.image_size == 32
+    assert model.encode_image(torch.randn(1, 3, 32, 32)).shape == (1, 1 + 4, model.cfg.text.hidden_size)
+    with pytest.raises(ConfigError, match="mplug.en.base"):
+        mplug_ds.create_model("mplug.en.bas")  # the error lists the known names
+    with pytest.raises(ConfigError, match="attn_backnd"):
+        mplug_ds.create_model("tiny", attn_backnd="eager")

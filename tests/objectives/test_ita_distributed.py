@@ -1,6 +1,6 @@
 """ITA over all-gathered features: 2 gloo ranks with batch B == 1 process with batch 2B (loss and gradients)."""
 import os
-import socket
+import time
 
 import torch
 import torch.distributed as dist
@@ -9,7 +9,9 @@ import torch.multiprocessing as mp
 from mplug_ds.models.config import load_model_config
 from mplug_ds.models.mplug import build_model
 from mplug_ds.objectives.pretrain import PretrainConfig, PretrainModel
+from mplug_ds.runtime.launch_env import free_port
 from tests.model_utils import pretrain_batch
+from tests.processes import timeout
 
 B = 3
 
@@ -44,14 +46,16 @@ def _worker(rank, port, out_dir):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_with_batch_b_match_one_process_with_batch_2b(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=False)
+    try:
+        deadline = time.monotonic() + timeout(300)
+        while not ranks.join(timeout=1):
+            assert time.monotonic() < deadline, "the two ranks did not finish in time"
+    finally:
+        for process in ranks.processes:
+            process.kill()
+            process.join()
     objective, batch = _setup()
     loss, grads = _ita_loss_and_grads(objective, batch)
     for rank in range(2):

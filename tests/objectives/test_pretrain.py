@@ -70,17 +70,23 @@ def test_momentum_teacher_is_fp32_outside_the_model_and_follows_the_ema():
         n for n in online if n.startswith(("fusion.", "mlm_head.", "text_encoder.", "visual."))}
 
 
-def test_distillation_changes_ita_targets_but_alpha_zero_matches_plain_loss():
+def test_distillation_at_alpha_zero_equals_distillation_off_and_alpha_changes_ita_and_mlm():
     torch.manual_seed(0)
     model = build_model(load_model_config("tiny", NO_DROPOUT)).eval()
-    objective = PretrainModel(model, PretrainConfig())
+    distilled = PretrainModel(model, PretrainConfig(distill=True))
+    plain = PretrainModel(model, PretrainConfig(distill=False))
     batch = pretrain_batch()
-    torch.manual_seed(1)
-    plain = objective(batch, alpha=0.0)
-    torch.manual_seed(1)
-    distilled = objective(batch, alpha=0.4)
-    assert torch.isclose(plain["loss_prefix"], distilled["loss_prefix"])
-    assert not torch.isclose(plain["loss_ita"], distilled["loss_ita"])
+
+    def losses(objective, alpha):
+        torch.manual_seed(1)  # the same MLM masks and ITM negatives for every call
+        return objective(batch, alpha=alpha)
+
+    off, zero, on = losses(plain, 0.4), losses(distilled, 0.0), losses(distilled, 0.4)
+    for key in ("loss_ita", "loss_mlm", "loss_itm", "loss_prefix", "loss"):
+        assert torch.equal(zero[key], off[key]), key  # alpha = 0 is exactly no distillation
+    for key in ("loss_ita", "loss_mlm"):  # the two losses distillation touches
+        assert not torch.isclose(on[key], off[key]), key
+    assert torch.equal(on["loss_prefix"], off["loss_prefix"])
 
 
 @pytest.mark.slow
