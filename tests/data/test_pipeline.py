@@ -272,6 +272,7 @@ def test_config_loads_from_yaml_and_rejects_unknown_keys(tmp_path):
         load_config(DataConfig, "data", path, ["shard_size=3"])
 
 
+@pytest.mark.slow
 def test_benchmark_data_cli_reports_rates():
     out = run_checked([sys.executable, REPO / "tools" / "benchmark_data.py", "--workers", "1", "--batches", "2",
                        "--batch-size", "4", "--res", "32"], 120)

@@ -2,12 +2,15 @@
 import json
 import sys
 
+import pytest
+
 from mplug_ds.engine.flops import device_peak_tflops, pretrain_flops_per_sample, vit_flops
 from mplug_ds.models.config import load_model_config
 from tests.processes import REPO as ROOT
 from tests.processes import run_checked
 
 
+@pytest.mark.slow
 def test_benchmark_runs_the_training_step_on_30_token_captions_and_reports_throughput():
     out = run_checked([sys.executable, ROOT / "tools" / "benchmark.py", "--model", "tiny", "--steps", "2",
                        "--warmup", "1", "--batch", "4", "--text-len", "30", "--json"], 300)

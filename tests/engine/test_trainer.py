@@ -127,6 +127,7 @@ def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_process_group_saves_a_checkpoint_and_exits_zero(tmp_path):
     """Plain ``python launch/pretrain.py`` on demo shards with a DataLoader worker; SIGTERM to the whole process
     group (as Slurm and the deepspeed launcher send it, killing the worker too) → checkpoint, exit status 0."""

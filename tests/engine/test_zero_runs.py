@@ -16,6 +16,8 @@ from tests.engine.engine_runs import deepspeed_command, records, run, step_losse
 from tests.processes import run as run_command
 from tests.processes import started, timeout, wait_for
 
+pytestmark = pytest.mark.slow  # multi-process runs
+
 STEPS = 6
 MOMENTUM = 0.5  # far from 1 so that an EMA taken from the bf16 compute copy would be visibly wrong
 COMMON = ["--config", "synthetic_tiny", "deepspeed.precision=bf16", "run.deterministic=true",

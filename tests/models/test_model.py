@@ -54,6 +54,7 @@ def test_unknown_model_key_is_rejected_with_its_name():
         load_model_config("tiny", ["fusion_strid=3"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,target,tolerance", [
     ("mplug.en.base", 350e6, 0.07), ("mplug.en.large", 600e6, 0.07), ("mplug.en.large.v2", 600e6, 0.07),
     ("mplug.en.huge", 1.1e9, 0.12)])

@@ -2,6 +2,7 @@
 import os
 import time
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -12,6 +13,8 @@ from mplug_ds.objectives.pretrain import PretrainConfig, PretrainModel
 from mplug_ds.runtime.launch_env import free_port
 from tests.model_utils import pretrain_batch
 from tests.processes import timeout
+
+pytestmark = pytest.mark.slow  # multi-process runs
 
 B = 3
 
