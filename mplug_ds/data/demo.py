@@ -44,6 +44,7 @@ NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 PLACE_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
                  "center": "in the center"}
 SPLITS = ("train", "val", "test")
+SHAPE_SIDE = (0.62, 0.78)  # a lone shape's side as a fraction of its grid cell (groups of 2–3 share the cell)
 
 
 @dataclass
@@ -125,11 +126,14 @@ def make_scene(rng: random.Random, image_id: int, split: str, size: int) -> Scen
     for color, kind, position in zip(colors, kinds, positions):
         count = rng.randint(1, 3)
         col, row = POSITIONS[position]
-        side = int(min(cell * rng.uniform(0.26, 0.34), cell / count - 4))
+        # Shapes fill most of their cell (a lone shape ~70% of the cell side, ~23% of the image): small shapes
+        # cover too few pixels (and ViT patches) for a tiny model trained from scratch to see them.
+        side = int(min(cell * rng.uniform(*SHAPE_SIDE), cell / count - 2))
+        slack = (cell - side) / 2  # jitter that keeps the shape inside its cell
         shapes = []
         for i in range(count):
             cx = col * cell + cell * (i + 0.5) / count + rng.uniform(-1.5, 1.5)
-            cy = row * cell + cell / 2 + rng.uniform(-cell * 0.15, cell * 0.15)
+            cy = row * cell + cell / 2 + rng.uniform(-slack, slack) * 0.8
             x0 = min(max(int(cx - side / 2), 0), size - side)
             y0 = min(max(int(cy - side / 2), 0), size - side)
             shapes.append(Shape(color, kind, (x0, y0, x0 + side, y0 + side)))
