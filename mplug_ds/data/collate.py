@@ -48,7 +48,7 @@ class Preparer:
 
     def __init__(self, cfg: DataConfig) -> None:
         self.cfg = cfg
-        self.transform = image_transform(cfg.image_res, cfg.train, cfg.scale_min)
+        self.transform = image_transform(cfg.image_res, cfg.train, cfg.scale_min, cfg.augment)
 
     def __call__(self, sample: Sample, rng: random.Random) -> dict[str, Any]:
         return getattr(self, f"_{self.cfg.task}")(sample, rng)

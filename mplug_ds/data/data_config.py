@@ -33,6 +33,7 @@ class StreamConfig:
     num_workers: int = 4  # DataLoader worker processes per rank
     seed: int = 42  # seed of shard order, shuffling and augmentation
     scale_min: float = 0.2  # RandomResizedCrop lower scale: 0.2 pre-training, 0.5 fine-tuning
+    augment: bool = True  # training images: horizontal flip + RandAugment (off where texts name colours and sides)
     max_words: int = 30  # captions are cut to this many words before tokenizing
     answer_max_len: int = 10  # VQA answer tokens including [SEP]
     max_regions: int = 5  # region texts kept per image (region task)

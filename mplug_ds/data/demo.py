@@ -44,7 +44,8 @@ NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 PLACE_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
                  "center": "in the center"}
 SPLITS = ("train", "val", "test")
-SHAPE_SIDE = (0.62, 0.78)  # a lone shape's side as a fraction of its grid cell (groups of 2–3 share the cell)
+SHAPE_SIDE = (0.8, 0.95)
+MAX_COUNT = 2  # a lone shape's side as a fraction of its grid cell (groups of 2–3 share the cell)
 
 
 @dataclass
@@ -124,7 +125,7 @@ def make_scene(rng: random.Random, image_id: int, split: str, size: int) -> Scen
     cell = size / 3
     groups = []
     for color, kind, position in zip(colors, kinds, positions):
-        count = rng.randint(1, 3)
+        count = rng.randint(1, MAX_COUNT)
         col, row = POSITIONS[position]
         # Shapes fill most of their cell (a lone shape ~70% of the cell side, ~23% of the image): small shapes
         # cover too few pixels (and ViT patches) for a tiny model trained from scratch to see them.

@@ -1,22 +1,25 @@
 """The demo's data: the procedural demo world (``mplug_ds.data.demo``), sharded once into a cache directory.
 
-``<cache_dir>/shards/{train,test}/`` hold caption shards (COCO-Karpathy format read by ``mplug_ds.data.formats``,
-written by ``mplug_ds.data.shards``), reused by later runs. Preparation happens in a temporary directory that is
-renamed into place, so an interrupted first run never leaves half-written shards behind.
+``<cache_dir>/world-<fingerprint>/shards/{train,test}/`` hold caption shards (COCO-Karpathy format read by
+``mplug_ds.data.formats``, written by ``mplug_ds.data.shards``), reused by later runs. The fingerprint hashes the
+generator's source and settings, so a changed demo world never reuses shards of an older one. Preparation happens
+in a temporary directory that is renamed into place, so an interrupted first run never leaves half-written shards.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from mplug_ds.data import demo
 from mplug_ds.data.demo import generate_demo
 from mplug_ds.data.formats import ReaderArgs, read_format
 from mplug_ds.data.shards import ShardOptions, write_shards
 
-DEMO_IMAGES = 800
+DEMO_IMAGES = 2400
 DEMO_IMAGE_SIZE = 128
 DEMO_SEED = 0
 SPLITS = ("train", "test")
@@ -32,6 +35,18 @@ class DemoShards:
     test_samples: int
 
 
+def world_fingerprint() -> str:
+    """Identifies the demo world: a hash of the generator's source and of the settings used here."""
+    digest = hashlib.sha256(Path(demo.__file__).read_bytes())
+    digest.update(f"images={DEMO_IMAGES} size={DEMO_IMAGE_SIZE} seed={DEMO_SEED}".encode())
+    return digest.hexdigest()[:12]
+
+
+def world_dir(cache_dir: Path) -> Path:
+    """This demo world's folder inside ``cache_dir``."""
+    return cache_dir.expanduser() / f"world-{world_fingerprint()}"
+
+
 def _pattern(split_dir: Path) -> tuple[str, int]:
     manifest = json.loads((split_dir / "manifest.json").read_text())
     names = [s["name"] for s in manifest["shards"]]
@@ -40,7 +55,7 @@ def _pattern(split_dir: Path) -> tuple[str, int]:
 
 def demo_shards(cache_dir: Path) -> DemoShards | None:
     """The prepared demo shards under ``cache_dir``, or ``None`` when they have not been written yet."""
-    shard_dir = cache_dir / "shards"
+    shard_dir = world_dir(cache_dir) / "shards"
     if not all((shard_dir / split / "manifest.json").is_file() for split in SPLITS):
         return None
     (train, n_train), (test, n_test) = (_pattern(shard_dir / split) for split in SPLITS)
@@ -49,12 +64,12 @@ def demo_shards(cache_dir: Path) -> DemoShards | None:
 
 def prepare_demo_shards(cache_dir: Path) -> DemoShards:
     """Generate and shard the demo world into ``cache_dir`` unless it is already there."""
-    cache_dir = cache_dir.expanduser()
     ready = demo_shards(cache_dir)
     if ready is not None:
         return ready
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".preparing-"))
+    world = world_dir(cache_dir)
+    world.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=world, prefix=".preparing-"))
     try:
         raw = work / "raw"
         generate_demo(raw, seed=DEMO_SEED, num_images=DEMO_IMAGES, image_size=DEMO_IMAGE_SIZE)
@@ -64,7 +79,7 @@ def prepare_demo_shards(cache_dir: Path) -> DemoShards:
                                    shard_size=200, inputs=[str(raw / "coco" / "dataset_coco.json")], progress=False)
             write_shards(read_format("coco-karpathy", reader_args, [split]), options)
         for split in SPLITS:  # shard names are relative; the manifests stay valid after the move
-            target = cache_dir / "shards" / split
+            target = world / "shards" / split
             target.parent.mkdir(parents=True, exist_ok=True)
             if not target.exists():
                 (work / "shards" / split).rename(target)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from mplug_ds.data.batch import Batch, RetrievalSet
 from mplug_ds.data.collate import tokenize
 from mplug_ds.data.data_config import DataConfig, SourceConfig, StreamConfig, image_limits
-from mplug_ds.data.demo_shards import DemoShards, demo_shards, prepare_demo_shards
+from mplug_ds.data.demo_shards import DemoShards, demo_shards, prepare_demo_shards, world_dir
 from mplug_ds.data.pipeline import ShardLoader
 from mplug_ds.data.reading import DataErrors, iter_samples
 from mplug_ds.data.synthetic import SyntheticPretrainBatches
@@ -133,7 +133,8 @@ def build_train_stream(data: DataSection, batch_size: int, image_res: int, patch
     sources = None
     if data.source == "demo":
         shards, cache = _demo(data.cache_dir, world)
-        sources = [SourceConfig("demo", shards.train, manifest=str(cache / "shards" / "train" / "manifest.json"))]
+        manifest = world_dir(cache) / "shards" / "train" / "manifest.json"
+        sources = [SourceConfig("demo", shards.train, manifest=str(manifest))]
     loader = ShardLoader(pipeline_config(data, batch_size, image_res, patch_size, sources), world.rank,
                          world.world_size)
     return EndlessShardBatches(loader)

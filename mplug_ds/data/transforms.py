@@ -160,9 +160,18 @@ class TestTransform:
         return to_normalized_tensor(TF.resize(img, [self.res, self.res], interpolation=BICUBIC))
 
 
-def image_transform(res: int, train: bool, scale_min: float = 0.2) -> TrainTransform | TestTransform:
-    """The image transform for training (scale_min 0.2 pre-training / 0.5 fine-tuning) or evaluation."""
-    return TrainTransform(res, (scale_min, 1.0)) if train else TestTransform(res)
+def image_transform(res: int, train: bool, scale_min: float = 0.2,
+                    augment: bool = True) -> TrainTransform | TestTransform:
+    """The image transform for training (scale_min 0.2 pre-training / 0.5 fine-tuning) or evaluation.
+
+    ``augment=False`` keeps only the random crop: no flip (it swaps left and right) and no RandAugment (its
+    Equalize/AutoContrast change hues), for data whose texts name sides and colours.
+    """
+    if not train:
+        return TestTransform(res)
+    if not augment:
+        return TrainTransform(res, (scale_min, 1.0), RandAugment(n=0), flip=False)
+    return TrainTransform(res, (scale_min, 1.0))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from mplug_ds.config import ConfigError, config_keys, format_config_keys
@@ -96,20 +97,37 @@ def run(cfg: TrainConfig, resolved: ResolvedRun, world: WorldInfo) -> int:
     with exit_hard_on_failure(world.rank):
         summary = Trainer(cfg, resolved, world, partial(PretrainRecipe, cfg, resolved)).train()
     if world.rank == 0:
-        print(format_summary(summary), flush=True)
+        print(format_summary(summary, write_plot(cfg.output_dir)), flush=True)
     return 0
 
 
-def format_summary(summary: RunSummary) -> str:
-    """The end-of-run report."""
+def write_plot(output_dir: Path) -> Path | str:
+    """The run's curves (``mplug_ds.engine.plot``); a plotting failure is reported, not fatal (training is done)."""
+    from mplug_ds.engine.plot import plot_run
+
+    try:
+        return plot_run(output_dir)
+    except (OSError, ValueError, ImportError) as err:
+        return f"not written ({err}); retry with: python tools/plot_run.py {output_dir}"
+
+
+def format_summary(summary: RunSummary, plot: Path | str | None = None) -> str:
+    """The end-of-run report: losses first -> last per objective, retrieval beside chance, throughput, outputs."""
     lines = ["", "=== pre-training summary ===", f"steps: {summary.steps}"]
-    if summary.first_loss is not None:
-        lines.append(f"loss: {summary.first_loss:.4f} -> {summary.last_loss:.4f} (mean of first/last steps)")
+    if summary.losses:
+        lines.append("losses (mean of the first -> last steps):")
+    for key, (first, last) in summary.losses.items():
+        name = "total" if key == "loss" else key.removeprefix("loss_")
+        lines.append(f"  {name:<7} {first:8.4f} -> {last:8.4f}")
     if summary.retrieval:
         r = summary.retrieval
-        lines.append(f"zero-shot retrieval on held-out split ({int(r['num_images'])} images): "
-                     f"image->text R@1 {r['i2t_r1']:.3f}, text->image R@1 {r['t2i_r1']:.3f} "
-                     f"(R@5 {r['i2t_r5']:.3f} / {r['t2i_r5']:.3f})")
+        lines.append(f"zero-shot retrieval on the held-out split ({int(r['num_images'])} images, "
+                     f"{int(r['num_texts'])} captions), chance in brackets:")
+        for k in (1, 5):
+            lines.append(f"  R@{k}  image->text {r[f'i2t_r{k}']:.3f} (chance {r[f'i2t_r{k}_chance']:.3f})   "
+                         f"text->image {r[f't2i_r{k}']:.3f} (chance {r[f't2i_r{k}_chance']:.3f})")
+    if summary.samples_per_s is not None:
+        lines.append(f"throughput: {summary.samples_per_s:.1f} samples/s (all ranks, training steps)")
     if summary.skipped_samples:
         lines.append(f"samples skipped (corrupt, unreadable or oversized; skipped/read per source): "
                      f"{format_skipped(summary.skipped_samples)}")
@@ -120,4 +138,6 @@ def format_summary(summary: RunSummary) -> str:
         lines.append("stopped by signal before the last step; resume with --resume auto")
     lines.append(f"checkpoint: {summary.checkpoint}")
     lines.append(f"metrics: {summary.output_dir}/metrics.jsonl")
+    if plot is not None:
+        lines.append(f"plot: {plot}")
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """End-of-run zero-shot image–text retrieval with the contrastive heads (R@1/R@5, both directions)."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -16,6 +17,15 @@ def recall_at_k(sim: torch.Tensor, text_to_image: torch.Tensor, k: int) -> tuple
     top_texts = sim.topk(min(k, sim.shape[1]), dim=1).indices  # per image
     i2t = (text_to_image[top_texts] == torch.arange(sim.shape[0])[:, None]).any(dim=1).float().mean().item()
     return i2t, t2i
+
+
+def chance_recall(text_to_image: torch.Tensor, num_images: int, k: int) -> tuple[float, float]:
+    """``(image→text, text→image)`` R@k expected from a random ranking: the floor every figure is read against."""
+    num_texts = len(text_to_image)
+    per_image = torch.bincount(text_to_image, minlength=num_images).tolist()
+    k_texts, k_images = min(k, num_texts), min(k, num_images)
+    misses = [math.comb(num_texts - n, k_texts) / math.comb(num_texts, k_texts) for n in per_image]
+    return 1 - sum(misses) / num_images, k_images / num_images
 
 
 @torch.no_grad()
@@ -38,5 +48,7 @@ def zero_shot_retrieval(engine: Any, model: MPLUG, data: RetrievalSet, batch_siz
     sim = (torch.cat(image_feats) @ torch.cat(text_feats).t()).float().cpu()
     i2t1, t2i1 = recall_at_k(sim, data.text_to_image, 1)
     i2t5, t2i5 = recall_at_k(sim, data.text_to_image, 5)
-    return {"i2t_r1": i2t1, "t2i_r1": t2i1, "i2t_r5": i2t5, "t2i_r5": t2i5,
+    chance = {f"{d}_r{k}_chance": v for k in (1, 5)
+              for d, v in zip(("i2t", "t2i"), chance_recall(data.text_to_image, sim.shape[0], k))}
+    return {"i2t_r1": i2t1, "t2i_r1": t2i1, "i2t_r5": i2t5, "t2i_r5": t2i5, **chance,
             "num_images": float(sim.shape[0]), "num_texts": float(sim.shape[1])}

@@ -57,8 +57,15 @@ def peak_memory_gb(device: torch.device) -> float:
     return rss_kb / 2**20 if sys.platform != "darwin" else rss_kb / 2**30
 
 
-def format_progress(record: dict[str, Any], total_steps: int) -> str:
-    """One progress line: step, each loss, learning rates, throughput, data wait vs compute, peak memory."""
+def format_duration(seconds: float) -> str:
+    """``h:mm:ss`` (or ``m:ss`` under an hour)."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def format_progress(record: dict[str, Any], total_steps: int, eta_s: float | None = None) -> str:
+    """One progress line: step, each loss, learning rates, throughput, ETA, data wait vs compute, peak memory."""
     losses = " ".join(f"{k.removeprefix('loss_') if k != 'loss' else 'loss'} {v:.4f}"
                       for k, v in record.items() if k.startswith("loss"))
     skipped = record.get("skipped", {})
@@ -66,9 +73,10 @@ def format_progress(record: dict[str, Any], total_steps: int) -> str:
     if any(e["corrupt_samples"] or e["damaged_shards"] for e in skipped.values()):
         skipped_part = " | skipped " + ", ".join(f"{name} {e['corrupt_samples']}/{e['read']}"
                                                 for name, e in skipped.items())
+    eta = f" | ETA {format_duration(eta_s)}" if eta_s is not None else ""
     return (f"step {record['step']}/{total_steps} epoch {record['epoch']} | {losses} | "
-            f"lr {record['lr']:.2e} visual_lr {record['visual_lr']:.2e} | {record['samples_per_s']:.1f} samples/s | "
-            f"data {record['data_time']:.3f}s compute {record['compute_time']:.3f}s | "
+            f"lr {record['lr']:.2e} visual_lr {record['visual_lr']:.2e} | {record['samples_per_s']:.1f} samples/s"
+            f"{eta} | data {record['data_time']:.3f}s compute {record['compute_time']:.3f}s | "
             f"peak mem {record['peak_mem_gb']:.2f} GB{skipped_part}")
 
 
@@ -85,6 +93,7 @@ class RunLogger:
         self.bar = None
         self._tensorboard = None
         self._wandb = None
+        self._first: tuple[int, float] | None = None  # (step, time) of this session's first step: the ETA's base
         if not self.active:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -139,11 +148,13 @@ class RunLogger:
             return
         self._write({"event": "step", "time": time.time(), **record})
         step = record["step"]
+        if self._first is None:
+            self._first = (step, time.monotonic())
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}")
         if step % self.every_steps == 0 or step == self.total_steps:
-            line = format_progress(record, self.total_steps)
+            line = format_progress(record, self.total_steps, self.eta(step))
             if self.bar is not None:
                 self.bar.write(line)
             else:
@@ -154,6 +165,13 @@ class RunLogger:
                 self._tensorboard.add_scalar(f"train/{key}", value, step)
         if self._wandb is not None:
             self._wandb.log({f"train/{k}": v for k, v in scalars.items()}, step=step)
+
+    def eta(self, step: int) -> float | None:
+        """Seconds to ``total_steps`` at this session's mean step time so far (``None`` until two steps are seen)."""
+        if self._first is None or step <= self._first[0]:
+            return None
+        first_step, first_time = self._first
+        return (time.monotonic() - first_time) / (step - first_step) * max(0, self.total_steps - step)
 
     def info(self, message: str) -> None:
         """A human-readable line on rank 0 (kept clear of the progress bar)."""

@@ -52,8 +52,8 @@ class RunSummary:
     """What a finished (or stopped) run reports."""
 
     steps: int
-    first_loss: float | None
-    last_loss: float | None
+    losses: dict[str, tuple[float, float]]  # per loss key: (mean of the first steps, mean of the last steps)
+    samples_per_s: float | None  # this session's training samples over its wall time (all ranks)
     retrieval: dict[str, float] = field(default_factory=dict)
     checkpoint: str | None = None
     stopped_by_signal: bool = False
@@ -95,7 +95,8 @@ class Trainer:
         self.checkpoints = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last,
                                              cfg.checkpoint.trust_pickles)
         self.stream = self.recipe.train_stream()
-        self.losses: list[float] = []
+        self.losses: list[dict[str, float]] = []
+        self.session_samples, self.session_seconds = 0, 0.0
         self.last_checkpoint: Path | None = None
         self.logger = RunLogger(cfg.output_dir, world.rank, cfg.schedule.total_steps, cfg.logging.every_steps,
                                 resolved.report_to, to_dict(cfg), cfg.logging.progress_bar,
@@ -215,7 +216,9 @@ class Trainer:
         self.state.epoch = getattr(self.stream, "epoch", 0)
         elapsed = time.perf_counter() - started
         means = (sums / accum).tolist()
-        self.losses.append(means[0])
+        self.losses.append(dict(zip(keys, means)))
+        self.session_samples += global_batch
+        self.session_seconds += elapsed
         record = {"step": self.state.step, "epoch": self.state.epoch, "samples": self.state.samples_seen,
                   **dict(zip(keys, means)),
                   "lr": group_lr(self.optimizer, visual=False), "visual_lr": group_lr(self.optimizer, visual=True),
@@ -283,10 +286,12 @@ class Trainer:
 
     def _summary(self, retrieval: dict[str, float], stopped: bool,
                  skipped: dict[str, dict[str, float]]) -> RunSummary:
-        window = max(1, min(5, len(self.losses) // 4 or 1))
-        first = sum(self.losses[:window]) / window if self.losses else None
-        last = sum(self.losses[-window:]) / window if self.losses else None
-        return RunSummary(steps=self.state.step, first_loss=first, last_loss=last, retrieval=retrieval,
+        window = max(1, min(10, len(self.losses) // 10))
+        first, last = self.losses[:window], self.losses[-window:]
+        losses = {k: (sum(r[k] for r in first) / len(first), sum(r[k] for r in last) / len(last))
+                  for k in self.recipe.loss_keys} if self.losses else {}
+        throughput = self.session_samples / self.session_seconds if self.session_seconds else None
+        return RunSummary(steps=self.state.step, losses=losses, samples_per_s=throughput, retrieval=retrieval,
                           checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
                           stopped_by_signal=stopped, skipped_batches=self.state.skipped_batches,
                           output_dir=str(self.cfg.output_dir), skipped_samples=skipped,

@@ -35,11 +35,13 @@ class PrefixLMDecoder(nn.Module):
 
         Returns ``(nll, valid)``, both ``(B, L-1)``; ``valid`` marks the non-padding target positions.
         """
-        logits = self(ids, mask, memory, memory_mask)[:, :-1]
+        hidden = self.bert(ids, mask, memory, memory_mask)[:, :-1]
         targets = ids[:, 1:]
         valid = mask[:, 1:].bool()
-        nll = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
-        return nll * valid, valid
+        # The vocabulary-wide head runs only where there is a target: padding is most of a max_len-padded batch.
+        logits = self.cls(hidden[valid]).float()
+        nll = F.cross_entropy(logits, targets[valid], reduction="none")
+        return torch.zeros(valid.shape, dtype=nll.dtype, device=nll.device).masked_scatter(valid, nll), valid
 
     def lm_loss(self, ids: torch.Tensor, mask: torch.Tensor, memory: torch.Tensor,
                 memory_mask: torch.Tensor | None) -> torch.Tensor:
