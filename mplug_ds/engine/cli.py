@@ -9,6 +9,8 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+import torch
+
 from mplug_ds.config import ConfigError, config_keys, format_config_keys
 from mplug_ds.engine.data_health import format_skipped
 from mplug_ds.engine.train_config import TrainConfig, load_train_config
@@ -94,6 +96,8 @@ def run(cfg: TrainConfig, resolved: ResolvedRun, world: WorldInfo) -> int:
     from mplug_ds.engine.trainer import Trainer
     from mplug_ds.objectives.pretrain_recipe import PretrainRecipe
 
+    if cfg.run.cpu_threads and not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(cfg.run.cpu_threads)
     with exit_hard_on_failure(world.rank):
         summary = Trainer(cfg, resolved, world, partial(PretrainRecipe, cfg, resolved)).train()
     if world.rank == 0:

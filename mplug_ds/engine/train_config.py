@@ -115,6 +115,8 @@ class RunSection:
     # A collective that waits longer than this fails the rank (a peer hung or died): keep it above the slowest
     # checkpoint save and data preparation, since the other ranks wait in a barrier meanwhile.
     collective_timeout_s: float = 600.0  # seconds a collective may wait before the rank fails
+    # torch intra-op threads per rank when training on CPU (0: torch's default, one per core; OMP_NUM_THREADS wins)
+    cpu_threads: int = 0
 
 
 @dataclass

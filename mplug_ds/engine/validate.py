@@ -125,6 +125,8 @@ def validate_engine(cfg: EngineConfig, world_size: int) -> ResolvedEngine:
     _number("run.collective_timeout_s", cfg.run.collective_timeout_s, minimum=0.0, inclusive=False)
     check_output_dir(cfg.output_dir)
     check_resume(cfg)
+    if cfg.run.cpu_threads < 0:
+        raise ConfigError(f"run.cpu_threads must be >= 0 (0: torch's default), got {cfg.run.cpu_threads}")
     if cfg.deepspeed.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("deepspeed.precision=fp16 needs a CUDA device (DeepSpeed has no fp16 on CPU); "
                           "use bf16 or fp32")
