@@ -25,6 +25,7 @@ setup(
         "psutil",
         "tqdm",
         "typing_extensions",
+        "matplotlib",
     ],
     extras_require={
         # Tests only: open_clip is the ViT parity reference, the MiniLM package ships real BERT weights.

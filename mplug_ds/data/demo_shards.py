@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from mplug_ds.data import demo
@@ -24,6 +27,8 @@ DEMO_IMAGE_SIZE = 128
 DEMO_SEED = 0
 SPLITS = ("train", "test")
 
+log = logging.getLogger("mplug_ds.demo")
+
 
 @dataclass(frozen=True)
 class DemoShards:
@@ -35,8 +40,10 @@ class DemoShards:
     test_samples: int
 
 
+@lru_cache(maxsize=1)
 def world_fingerprint() -> str:
-    """Identifies the demo world: a hash of the generator's source and of the settings used here."""
+    """Identifies the demo world: a hash of the generator's source and of the settings used here (once per
+    process, so editing or upgrading the package during a run does not move its shards)."""
     digest = hashlib.sha256(Path(demo.__file__).read_bytes())
     digest.update(f"images={DEMO_IMAGES} size={DEMO_IMAGE_SIZE} seed={DEMO_SEED}".encode())
     return digest.hexdigest()[:12]
@@ -68,6 +75,8 @@ def prepare_demo_shards(cache_dir: Path) -> DemoShards:
     if ready is not None:
         return ready
     world = world_dir(cache_dir)
+    log.info("first use of this demo world: generating %d images and sharding them into %s", DEMO_IMAGES, world)
+    started = time.monotonic()
     world.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=world, prefix=".preparing-"))
     try:
@@ -88,4 +97,6 @@ def prepare_demo_shards(cache_dir: Path) -> DemoShards:
     prepared = demo_shards(cache_dir)
     if prepared is None:
         raise RuntimeError(f"preparing the demo shards in {cache_dir} failed (no manifest.json written)")
+    log.info("demo data ready in %.0f s (%d train / %d test images)", time.monotonic() - started,
+             prepared.train_samples, prepared.test_samples)
     return prepared
