@@ -126,6 +126,6 @@ def test_pretraining_from_minilm_logs_the_load_report(tmp_path):
                 "text_encoder_layers: 6}"
     out = run(deepspeed_command(tmp_path / "run", [
         "--config", "synthetic_tiny", f"model.overrides={overrides}", f"model.init_text_from={MINILM}",
-        "schedule.total_steps=2", "schedule.warmup_steps=0", "checkpoint.every_steps=0", "eval.retrieval=false",
+        "schedule.total_steps=2", "schedule.warmup_steps=0", "checkpoint.every_steps=100", "eval.retrieval=false",
         "batch.micro_batch_per_gpu=2"], num_ranks=1))
     assert f"init: text side <- {MINILM}" in out and "left at their initialisation" in out
