@@ -29,8 +29,13 @@ def save_state(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | 
     out.mkdir(parents=True, exist_ok=True)
     meta = {"format": MODEL_TYPE, **(metadata or {})}
     for stem, tensors in {"model": state, **(extra or {})}.items():
-        # Tied weights share storage; safetensors needs every entry to own its memory.
-        owned = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+        # Tied weights share storage; safetensors needs every entry to own its memory (others are not copied).
+        owned, seen = {}, set()
+        for key, value in tensors.items():
+            value = value.detach().contiguous()
+            ptr = value.untyped_storage().data_ptr()
+            owned[key] = value.clone() if ptr in seen else value
+            seen.add(ptr)
         with atomic_path(out / f"{stem}.safetensors") as tmp:
             save_file(owned, str(tmp), metadata=meta)
     config = {"model_type": MODEL_TYPE, "architectures": ["MPLUG"], **to_dict(cfg)}
@@ -58,7 +63,20 @@ def read_config(directory: str | Path) -> ModelConfig:
 
 
 def from_pretrained(directory: str | Path) -> MPLUG:
-    """Build the model from ``config.json`` and load ``model.safetensors`` strictly (keys and shapes)."""
-    model = MPLUG(read_config(directory))
-    model.load_state_dict(load_file(str(Path(directory) / "model.safetensors")), strict=True)
+    """Build the model from ``config.json`` and load ``model.safetensors`` strictly (keys and shapes).
+
+    The model is built on the meta device and takes the loaded tensors (one copy of the weights in memory);
+    the decoder's LM head is tied back to its word embeddings.
+    """
+    with torch.device("meta"):
+        model = MPLUG(read_config(directory))
+    state = load_file(str(Path(directory) / "model.safetensors"))
+    alias, embeddings = "decoder.cls.predictions.decoder.weight", "decoder.bert.embeddings.word_embeddings.weight"
+    if not torch.equal(state[alias], state[embeddings]):
+        raise ValueError(f"{directory}: '{alias}' differs from the word embeddings it is tied to")
+    model.load_state_dict(state, strict=True, assign=True)
+    model.decoder.cls.predictions.decoder.weight = model.decoder.bert.embeddings.word_embeddings.weight
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"{directory}: tensors not restored: {left[:5]}")
     return model
