@@ -107,3 +107,12 @@ def test_base_official_layout(tmp_path, capsys):
 def test_large_official_layout(tmp_path, capsys):
     gc.collect()
     _check_model(tmp_path, capsys, "mplug.en.large", 56)
+
+
+def test_published_size_convention_matches_the_readme_arithmetic():
+    """Architecture doc section 9: base 347.2M, large 565.7M executed-module parameters (README 350M / 600M)."""
+    from mplug_ds.models.param_count import parameter_report
+    base, large = (parameter_report(load_model_config(n)) for n in ("mplug.en.base", "mplug.en.large"))
+    assert abs(base["published_convention_total"] / 1e6 - 347.2) < 0.05
+    assert abs(large["published_convention_total"] / 1e6 - 565.7) < 0.05
+    assert base["total"] != base["published_convention_total"]
