@@ -23,11 +23,14 @@ def main() -> None:
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"{report['model']}: {report['total'] / 1e6:.1f}M parameters")
+    print(f"{report['model']}: {report['total'] / 1e6:.1f}M parameters (ours: the model this code trains)")
+    print(f"  published-size convention: {report['published_convention_total'] / 1e6:.1f}M "
+          "(comparable with the mPLUG README's sizes)")
     for name, count in report["modules"].items():
         print(f"  {name:<14} {count / 1e6:9.2f}M")
     print(f"  momentum teacher (not in total): {report['momentum_teacher'] / 1e6:.1f}M")
-    print(f"counting convention: {report['convention']}")
+    print(f"ours counts: {report['convention']}")
+    print(f"published counts: {report['published_convention']}")
 
 
 if __name__ == "__main__":

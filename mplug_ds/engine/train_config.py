@@ -22,7 +22,9 @@ class ModelSection:
 
     name: str = "tiny"  # a named model (tiny, mplug.en.base, mplug.en.large, ...) or a model YAML path
     overrides: dict[str, Any] = field(default_factory=dict)  # model config fields to change (model.overrides.* keys)
-    init_from: str | None = None  # an export directory (tools/export_checkpoint.py) to start from
+    init_from: str | None = None  # an export / converted directory (export_checkpoint.py, convert_checkpoint.py)
+    init_vision_from: str | None = None  # an OpenAI-CLIP or open_clip state-dict file: the ViT (any resolution)
+    init_text_from: str | None = None  # a Hugging Face BERT directory: text encoder, fusion and decoder, as mPLUG
 
     def override_list(self) -> list[str]:
         """The overrides as ``key=value`` strings for ``load_model_config``."""

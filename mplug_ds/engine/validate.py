@@ -154,6 +154,12 @@ def validate(cfg: TrainConfig, world_size: int) -> ResolvedRun:
             raise ConfigError(str(err)) from None
     if d.max_text_len < 4:
         raise ConfigError(f"data.max_text_len must be >= 4, got {d.max_text_len}")
+    if cfg.model.init_vision_from and not Path(cfg.model.init_vision_from).expanduser().is_file():
+        raise ConfigError(f"model.init_vision_from: {cfg.model.init_vision_from} is not a file (pass an OpenAI-CLIP "
+                          "or open_clip state-dict file)")
+    if cfg.model.init_text_from and not (Path(cfg.model.init_text_from).expanduser() / "config.json").is_file():
+        raise ConfigError(f"model.init_text_from: {cfg.model.init_text_from} has no config.json (pass a Hugging "
+                          "Face BERT model directory)")
     if cfg.model.init_from and not (Path(cfg.model.init_from).expanduser() / "model.safetensors").is_file():
         raise ConfigError(f"model.init_from: {cfg.model.init_from} has no model.safetensors "
                           "(give a directory written by tools/export_checkpoint.py)")

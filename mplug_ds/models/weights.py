@@ -12,25 +12,38 @@ from mplug_ds.models.config import TextConfig
 from mplug_ds.models.mplug import MPLUG
 from mplug_ds.models.text import BertStack
 from mplug_ds.models.vision import VisionEncoder, convert_clip_state_dict
+from mplug_ds.runtime import safe_load
 
 _LAYER = re.compile(r"^encoder\.layer\.(\d+)\.(.*)$")
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors from a ``.safetensors`` or torch file (tensors only; nothing executed).
+def read_state_dict(path: str | Path, trusted: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors from a ``.safetensors`` or torch file.
 
-    Torch files holding a training checkpoint are unwrapped from their ``model`` / ``module`` / ``state_dict`` key.
+    Torch files are read with the restricted unpickler (``runtime.safe_load``): a file that needs code to load is
+    refused naming the file, unless ``trusted``. Training checkpoints are unwrapped from their ``model`` /
+    ``module`` / ``state_dict`` key. Legacy BERT names ``LayerNorm.gamma`` / ``.beta`` become ``weight`` / ``bias``.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        return _modern_names(load_file(str(path)))
+    state = safe_load.load(path, trusted)
     for key in ("model", "module", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
-            return state[key]
-    return state
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict (a TorchScript CLIP archive? "
+                         "pass the open_clip / OpenAI state-dict file)")
+    return _modern_names(state)
+
+
+def _modern_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``LayerNorm.gamma`` / ``LayerNorm.beta`` (old BERT checkpoints) → ``LayerNorm.weight`` / ``LayerNorm.bias``."""
+    return {re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k)): v
+            for k, v in state.items()}
 
 
 def bert_weights_file(directory: str | Path) -> Path:
@@ -116,12 +129,39 @@ def init_from_bert(model: MPLUG, directory: str | Path) -> list[str]:
     return missing
 
 
-def load_clip_visual(encoder: VisionEncoder, path_or_state: str | Path | dict[str, torch.Tensor]) -> None:
-    """Load an OpenAI-CLIP or open_clip checkpoint's image tower (any resolution; pos-embed resized)."""
+def load_clip_visual(encoder: VisionEncoder, path_or_state: str | Path | dict[str, torch.Tensor]) -> int:
+    """Load an OpenAI-CLIP or open_clip checkpoint's image tower (any resolution; pos-embed resized).
+
+    Returns the number of tensors loaded; a missing, unexpected or wrongly shaped tensor raises naming the key.
+    """
+    source = "CLIP state dict" if isinstance(path_or_state, dict) else path_or_state
     state = path_or_state if isinstance(path_or_state, dict) else read_state_dict(path_or_state)
     converted = convert_clip_state_dict(state, encoder)
-    missing, unexpected = encoder.vit.load_state_dict(converted, strict=False)
+    missing = _load_partial(encoder.vit, converted, source)
+    unexpected = sorted(set(converted) - set(encoder.vit.state_dict()))
     if missing or unexpected:
-        raise ValueError(f"CLIP checkpoint does not match the vision config: missing {missing[:5]}, "
+        raise ValueError(f"{source}: does not match the vision config: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
+    return len(converted)
 
+
+
+def init_public_weights(model: MPLUG, vision_file: str | Path | None, bert_dir: str | Path | None) -> list[str]:
+    """Initialise from public weights as mPLUG does (``model.init_vision_from`` / ``model.init_text_from``).
+
+    Returns the load report: one line per source with what was loaded and what stayed at its initialisation.
+    """
+    report = []
+    if vision_file:
+        count = load_clip_visual(model.visual, Path(vision_file).expanduser())
+        report.append(f"init: ViT <- {vision_file}: {count} tensors loaded (positional embedding at "
+                      f"{model.cfg.vision.image_size}px)")
+    if bert_dir:
+        left = init_from_bert(model, Path(bert_dir).expanduser())
+        loaded = sum(1 for k in model.state_dict() if k.startswith(("text_encoder.", "fusion.", "decoder.", "mlm_head."))
+                     ) - len(left)
+        collapsed = (re.sub(r"\.\d+\.", ".*.", k) for k in left)
+        groups = sorted({k[:k.index("crossattention") + 14] if "crossattention" in k else k for k in collapsed})
+        report.append(f"init: text side <- {bert_dir}: {loaded} tensors loaded; {len(left)} left at their "
+                      f"initialisation ({', '.join(groups)})")
+    return report

@@ -12,6 +12,7 @@ from mplug_ds.engine.recipe import Recipe, TrainStream
 from mplug_ds.engine.train_config import TrainConfig
 from mplug_ds.engine.validate import ResolvedRun
 from mplug_ds.models.mplug import build_model
+from mplug_ds.models.weights import init_public_weights
 from mplug_ds.objectives.pretrain import PretrainModel
 from mplug_ds.runtime.launch_env import WorldInfo
 from mplug_ds.runtime.master_weights import master_weight_source
@@ -29,6 +30,9 @@ class PretrainRecipe(Recipe):
         model = build_model(resolved.model)
         if cfg.model.init_from:
             load_weights(model, cfg.model.init_from)
+        for line in init_public_weights(model, cfg.model.init_vision_from, cfg.model.init_text_from):
+            if world.rank == 0:
+                print(line, flush=True)
         self.module = PretrainModel(model, resolved.objective)
         self.teacher = self.module.teacher  # None without distillation
 

@@ -1,0 +1,72 @@
+"""Convert a released mPLUG checkpoint (.pth: pre-trained, or fine-tuned VQA / caption / retrieval / grounding)
+into an mplug_ds model directory (config.json + model_config.yaml + model.safetensors).
+
+    python tools/convert_checkpoint.py mplug_base.pth converted/base --model mplug.en.base
+    python tools/convert_checkpoint.py mplug_large_v2.pth converted/large --model mplug.en.large --image-size 336 --json
+
+The output loads with pre-training's ``model.init_from=OUT`` and ``mplug_ds.models.hub.from_pretrained(OUT)``.
+Every key of the file is reported as mapped, dropped (with the reason), missing (our keys the file lacks, left at
+their initialisation, e.g. the ITM head of a VQA checkpoint) or unexpected. The file is read with the restricted
+unpickler; a file that needs code to load is refused unless --trust-checkpoint is given.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from mplug_ds.models.config import load_model_config
+from mplug_ds.models.convert import convert_official, official_state_dict
+from mplug_ds.models.hub import save_state
+from mplug_ds.models.mplug import MPLUG
+from mplug_ds.runtime import safe_load
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input", type=Path, help="the official .pth file")
+    parser.add_argument("output", type=Path, help="output directory")
+    parser.add_argument("--model", required=True, help="the model the checkpoint was trained as (mplug.en.base …)")
+    parser.add_argument("--image-size", type=int, help="target resolution (positional embedding resized)")
+    parser.add_argument("--keep-momentum", action="store_true",
+                        help="keep the momentum copies for the teacher (written as momentum.safetensors)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="allow a file that needs full unpickling (it can run code); only for files you trust")
+    parser.add_argument("overrides", nargs="*", help="model config overrides, key=value")
+    args = parser.parse_intermixed_args(argv)
+    overrides = list(args.overrides) + ([f"vision.image_size={args.image_size}"] if args.image_size else [])
+    try:
+        cfg = load_model_config(args.model, overrides)
+        if not args.input.is_file():
+            raise FileNotFoundError(f"{args.input} does not exist")
+        state = official_state_dict(safe_load.load(args.input, args.trust_checkpoint), str(args.input))
+        online, teacher, report = convert_official(state, cfg, args.keep_momentum)
+    except (FileNotFoundError, ValueError, safe_load.UntrustedCheckpointError) as err:
+        print(f"convert failed: {err}", file=sys.stderr)
+        return 1
+    del state
+    missing = [k for k in report.missing if not k.startswith("momentum:")]
+    if missing or (args.keep_momentum and len(missing) < len(report.missing)):
+        torch.manual_seed(0)
+        fresh = MPLUG(cfg)
+        online.update({k: v for k, v in fresh.state_dict().items() if k in missing})
+        if args.keep_momentum:  # teacher parts the file lacks start as copies of the online weights (as mPLUG does)
+            teacher_keys = MPLUG(cfg, teacher=True).state_dict().keys()
+            teacher.update({k: online[k] for k in teacher_keys if k not in teacher})
+        del fresh
+    extra = {"momentum": teacher} if args.keep_momentum else None
+    save_state(online, cfg, args.output, {"source": str(args.input)}, extra)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print("\n".join(report.lines()))
+        print(f"wrote {args.output} (model '{cfg.name}', image size {cfg.vision.image_size})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
