@@ -58,6 +58,7 @@ class ModelConfig:
     temp: float = 0.07  # initial contrastive temperature (learned)
     attn_backend: AttnBackend = "sdpa"  # attention kernels: sdpa, flash_attn or eager
     grad_checkpointing: bool = False  # recompute block activations in backward (less memory, more compute)
+    patch_predictor_layer: int | None = None  # TiMix: ViT block (0-based) the patch predictor reads; null: none
 
     def __post_init__(self) -> None:
         if self.text.hidden_size % self.text.heads or self.vision.width % self.vision.heads:
@@ -68,6 +69,10 @@ class ModelConfig:
                 f"vision.patch_size {self.vision.patch_size}")
         if self.fusion_stride < 1:
             raise ConfigError(f"model '{self.name}': fusion_stride must be >= 1")
+        layer = self.patch_predictor_layer
+        if layer is not None and not 0 <= layer < self.vision.layers:
+            raise ConfigError(f"model '{self.name}': patch_predictor_layer {layer} is outside the ViT's blocks "
+                              f"0..{self.vision.layers - 1}")
 
 
 def load_model_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> ModelConfig:

@@ -1,6 +1,8 @@
 """The mPLUG model: CLIP ViT + BERT text encoder + skip-connected fusion + prefix-LM decoder + heads."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -8,6 +10,7 @@ from torch import nn
 from mplug_ds.models.config import ModelConfig, load_model_config
 from mplug_ds.models.decoder import PrefixLMDecoder
 from mplug_ds.models.fusion import FusionEncoder
+from mplug_ds.models.patch_predictor import PatchPredictor
 from mplug_ds.models.text import LMHead, TextEncoder, init_bert_weights
 from mplug_ds.models.vision import VisionEncoder
 
@@ -20,7 +23,8 @@ class MPLUG(nn.Module):
     ``teacher=True`` builds only what a momentum teacher needs (no decoder, ITM head or temperature).
     Parameter names: ``visual.*`` (the ViT; its own learning rate), ``visn_fc``/``visn_norm`` (ViT-L → text width,
     only when the widths differ), ``text_encoder.*``, ``fusion.*``, ``decoder.*``, ``mlm_head.*``,
-    ``vision_proj``/``text_proj`` (to the contrastive space), ``itm_head``, ``temp``.
+    ``vision_proj``/``text_proj`` (to the contrastive space), ``itm_head``, ``temp``, and ``patch_predictor`` (TiMix,
+    only with ``cfg.patch_predictor_layer``; trained from scratch, so it is not under ``visual.*`` and its lower LR).
     """
 
     def __init__(self, cfg: ModelConfig, teacher: bool = False) -> None:
@@ -46,14 +50,41 @@ class MPLUG(nn.Module):
             self.itm_head = nn.Linear(t.hidden_size, 2)
             # Shape (1,), not (): DeepSpeed cannot broadcast 0-dim parameters. Official checkpoints store ().
             self.temp = nn.Parameter(torch.tensor([cfg.temp]))
+        # The teacher never runs the predictor: TiMix scores patches with the online model only.
+        build_predictor = cfg.patch_predictor_layer is not None and not teacher
+        self.patch_predictor = PatchPredictor(cfg.vision.width, t.hidden_size) if build_predictor else None
 
     @property
     def dtype(self) -> torch.dtype:
         return self.vision_proj.weight.dtype
 
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """Image tokens ``(B, 1 + patches, H)`` at the text width (token 0 = CLS)."""
-        x = self.visual(images)
+    def encode_image(self, images: torch.Tensor, patch_mix: Callable[[torch.Tensor], torch.Tensor] | None = None
+                     ) -> torch.Tensor:
+        """Image tokens ``(B, 1 + patches, H)`` at the text width (token 0 = CLS); ``patch_mix`` rewrites the patch
+        embeddings first (TiMix's token-space mixing, see ``VisionEncoder.forward``)."""
+        return self._to_text_width(self.visual(images, patch_mix=patch_mix))
+
+    def encode_image_tapped(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``encode_image`` plus the ViT hidden states after the patch predictor's block ``(B, 1 + patches, W)``."""
+        x, tapped = self.visual(images, tap_layer=self._predictor_layer())
+        return self._to_text_width(x), tapped
+
+    def encode_image_prefix(self, images: torch.Tensor) -> torch.Tensor:
+        """ViT hidden states after the patch predictor's block only (later blocks are not run)."""
+        return self.visual(images, stop_after=self._predictor_layer())
+
+    def patch_log_probs(self, hidden: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Per-patch log-probabilities ``(B, patches, 2)`` that each patch of ``hidden`` (tapped ViT states with the
+        class token first) is relevant to the text whose unimodal states are ``text`` (its [CLS] is used)."""
+        return self.patch_predictor(hidden[:, 1:], text[:, 0])
+
+    def _predictor_layer(self) -> int:
+        if self.patch_predictor is None:
+            raise RuntimeError(f"model '{self.cfg.name}' has no patch predictor: set patch_predictor_layer "
+                               "(TiMix sets it from timix.predictor_layer)")
+        return self.cfg.patch_predictor_layer
+
+    def _to_text_width(self, x: torch.Tensor) -> torch.Tensor:
         if self.visn_fc is not None:
             x = self.visn_dropout(self.visn_norm(self.visn_fc(x)))
         return x

@@ -8,6 +8,7 @@ hidden-state tap after block k that the TiMix patch predictor reads), per-block 
 from __future__ import annotations
 
 from functools import partial
+from typing import Callable
 
 import torch
 from timm.layers import LayerNorm, resample_abs_pos_embed
@@ -57,14 +58,40 @@ class VisionEncoder(nn.Module):
         """Patch tokens per image (without the class token)."""
         return (self.cfg.image_size // self.cfg.patch_size) ** 2
 
-    def forward(self, images: torch.Tensor, tap_layer: int | None = None):
-        """Encode images; with ``tap_layer=k`` also return the hidden states after block k (0-based)."""
+    def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch-embedding tokens ``(B, (R/P)², W)`` in row-major patch order, before class token and positions.
+
+        The embedding is one linear map per ``P×P`` pixel patch, so moving patch tokens here is the same as moving
+        the pixel patches (TiMix mixes in either space).
+        """
+        return self.vit.patch_embed(images.to(self.vit.pos_embed.dtype))
+
+    def forward(self, images: torch.Tensor, tap_layer: int | None = None, stop_after: int | None = None,
+                patch_mix: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """Encode images; with ``tap_layer=k`` also return the hidden states after block k (0-based).
+
+        ``stop_after=k``: return only the hidden states after block k (later blocks and ``ln_post`` are not run).
+        ``patch_mix``: a function applied to the patch embeddings ``(B, (R/P)², W)`` before the class token and
+        positions are added (TiMix's token-space mixing; a hook on timm's patch-embedding module).
+        """
         images = images.to(self.vit.pos_embed.dtype)
-        if tap_layer is None:
-            return self.vit.forward_features(images)
-        x, [(patches, prefix)] = self.vit.forward_intermediates(images, indices=[tap_layer], return_prefix_tokens=True,
-                                                               output_fmt="NLC")
-        return x, torch.cat([prefix, patches], dim=1)
+        hook = None
+        if patch_mix is not None:
+            hook = self.vit.patch_embed.register_forward_hook(lambda module, args, out: patch_mix(out))
+        try:
+            if stop_after is not None:
+                [(patches, prefix)] = self.vit.forward_intermediates(
+                    images, indices=[stop_after], return_prefix_tokens=True, output_fmt="NLC", stop_early=True,
+                    intermediates_only=True)
+                return torch.cat([prefix, patches], dim=1)
+            if tap_layer is None:
+                return self.vit.forward_features(images)
+            x, [(patches, prefix)] = self.vit.forward_intermediates(
+                images, indices=[tap_layer], return_prefix_tokens=True, output_fmt="NLC")
+            return x, torch.cat([prefix, patches], dim=1)
+        finally:
+            if hook is not None:
+                hook.remove()
 
 
 @torch.no_grad()

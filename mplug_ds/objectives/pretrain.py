@@ -85,11 +85,16 @@ class PretrainModel(nn.Module):
         """All losses for one batch; ``alpha`` is the current distillation weight (0 disables distillation)."""
         if batch["image"].shape[0] < 2:
             raise ValueError("pre-training needs at least 2 samples per rank (ITM samples in-batch negatives)")
+        m = self.model
+        image = m.encode_image(batch["image"])
+        text = m.encode_text(batch["text_ids"], batch["text_mask"])
+        return self.losses(batch, image, text, alpha)
+
+    def losses(self, batch: Batch, image: torch.Tensor, text: torch.Tensor, alpha: float) -> dict[str, torch.Tensor]:
+        """All losses from the batch's encoded images ``image`` and captions ``text`` (what ``forward`` computes)."""
         m, cfg = self.model, self.cfg
         alpha = alpha if self.teacher is not None else 0.0
         ids, mask = batch["text_ids"], batch["text_mask"]
-        image = m.encode_image(batch["image"])
-        text = m.encode_text(ids, mask)
         teacher = self._teacher_forward(batch) if alpha > 0 else None
 
         loss_ita, sim_i2t, sim_t2i = self.ita_loss(
