@@ -134,7 +134,7 @@ class TimixPretrainModel(PretrainModel):
             out.update(metrics, loss_pta=pta.detach())
             out["loss"] = out["loss"] + self.timix.pta_weight * pta
         if gamma > 0:
-            mix = self._prepare_mix(batch["image"], tapped, image, text)
+            mix = self.prepare_mix(batch["image"], tapped, image, text)
             if phase == "main":
                 self._pending = {**mix, "text_ids": batch["text_ids"], "text_mask": batch["text_mask"]}
             else:
@@ -163,22 +163,36 @@ class TimixPretrainModel(PretrainModel):
         with torch.no_grad():
             return self.model.patch_log_probs(tapped.detach(), text.detach())[..., 1].exp()
 
-    @torch.no_grad()
-    def _prepare_mix(self, images: torch.Tensor, tapped: torch.Tensor, image: torch.Tensor, text: torch.Tensor
-                     ) -> dict[str, torch.Tensor]:
-        """Plan the mix from this step's relevance and, for ``*_pred`` labels, the unmixed batch's predictions."""
-        t, m = self.timix, self.model
-        probs = self.relevance(tapped, text)
+    def draw_plan(self, probs: torch.Tensor) -> MixPlan:
+        """Draw window sides and partners for this rank's batch and plan the mix from relevance ``probs`` (B, N)."""
+        t = self.timix
         b, n = probs.shape
         k_min, k_max = side_range(int(n ** 0.5), t.min_side_ratio, t.max_side_ratio)
-        plan = plan_mix(standardize(probs.log()), draw_sides(b, k_min, k_max, t.side_per_sample, probs.device),
+        return plan_mix(standardize(probs.log()), draw_sides(b, k_min, k_max, t.side_per_sample, probs.device),
                         draw_partners(b, t.pairing, probs.device))
-        mix = {"images": images, "probs": probs, "plan": plan}
-        if t.label_mode.endswith("_pred"):
-            temp = m.temperature()
-            sim = all_gather(m.image_feature(image)) @ all_gather(m.text_feature(text)).t() / temp
+
+    @torch.no_grad()
+    def prepare_mix(self, images: torch.Tensor, tapped: torch.Tensor, image: torch.Tensor, text: torch.Tensor,
+                    plan: MixPlan | None = None) -> dict:
+        """What the mixed loss needs: images, relevance, the plan (drawn unless given) and, for ``*_pred`` labels,
+        the model's predictions on the unmixed global batch."""
+        m = self.model
+        probs = self.relevance(tapped, text)
+        mix = {"images": images, "probs": probs, "plan": plan if plan is not None else self.draw_plan(probs)}
+        if self.timix.label_mode.endswith("_pred"):
+            sim = all_gather(m.image_feature(image)) @ all_gather(m.text_feature(text)).t() / m.temperature()
             mix["base_i2t"], mix["base_t2i"] = F.softmax(sim, dim=1), F.softmax(sim.t(), dim=1)
         return mix
+
+    @torch.no_grad()
+    def targets(self, mix: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's source shares λ (B,) and the global soft targets ``(Y_i2t, Y_t2i)`` of the mixed batch."""
+        plan: MixPlan = mix["plan"]
+        share = source_share(plan, self.timix.label_mode, mix["probs"])
+        partners = plan.partners + plan.partners.shape[0] * get_rank()
+        y_i2t, y_t2i = mixed_targets(all_gather(share), all_gather(partners), mix.get("base_i2t"),
+                                     mix.get("base_t2i"))
+        return share, y_i2t, y_t2i
 
     def mixed_images_features(self, images: torch.Tensor, plan: MixPlan) -> torch.Tensor:
         """Contrastive features of the mixed images, mixing patch embeddings or pixels (``timix.mix_space``)."""
@@ -192,12 +206,7 @@ class TimixPretrainModel(PretrainModel):
     def mixed_loss(self, mix: dict, text_feat: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Contrastive loss of the mixed images against the (global) original texts under soft targets."""
         plan: MixPlan = mix["plan"]
-        b = plan.partners.shape[0]
-        with torch.no_grad():
-            share = source_share(plan, self.timix.label_mode, mix["probs"])
-            partners = plan.partners + b * get_rank()
-            y_i2t, y_t2i = mixed_targets(all_gather(share), all_gather(partners), mix.get("base_i2t"),
-                                         mix.get("base_t2i"))
+        share, y_i2t, y_t2i = self.targets(mix)
         mixed = all_gather_with_grad(self.mixed_images_features(mix["images"], plan))
         sim = mixed @ all_gather_with_grad(text_feat).t() / self.model.temperature()
         loss = (soft_cross_entropy(sim, y_i2t) + soft_cross_entropy(sim.t(), y_t2i)) / 2
