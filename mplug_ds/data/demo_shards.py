@@ -1,9 +1,11 @@
 """The demo's data: the procedural demo world (``mplug_ds.data.demo``), sharded once into a cache directory.
 
 ``<cache_dir>/world-<fingerprint>/shards/{train,test}/`` hold caption shards (COCO-Karpathy format read by
-``mplug_ds.data.formats``, written by ``mplug_ds.data.shards``), reused by later runs. The fingerprint hashes the
-generator's source and settings, so a changed demo world never reuses shards of an older one. Preparation happens
-in a temporary directory that is renamed into place, so an interrupted first run never leaves half-written shards.
+``mplug_ds.data.formats``, written by ``mplug_ds.data.shards``), reused by later runs; ``shards/regions/`` (written
+when TiMix asks for it) holds the Visual Genome region phrases of the train-split images, for patch-text alignment.
+The fingerprint hashes the generator's source and settings, so a changed demo world never reuses shards of an
+older one. Preparation happens in a temporary directory that is renamed into place, so an interrupted first run
+never leaves half-written shards.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ DEMO_IMAGES = 2400
 DEMO_IMAGE_SIZE = 128
 DEMO_SEED = 0
 SPLITS = ("train", "test")
+REGIONS = "regions"
 
 log = logging.getLogger("mplug_ds.demo")
 
@@ -38,6 +41,7 @@ class DemoShards:
     test: str
     train_samples: int
     test_samples: int
+    regions: str | None = None  # region shards of the train images (only once prepared with regions=True)
 
 
 @lru_cache(maxsize=1)
@@ -66,13 +70,15 @@ def demo_shards(cache_dir: Path) -> DemoShards | None:
     if not all((shard_dir / split / "manifest.json").is_file() for split in SPLITS):
         return None
     (train, n_train), (test, n_test) = (_pattern(shard_dir / split) for split in SPLITS)
-    return DemoShards(train, test, n_train, n_test)
+    regions = _pattern(shard_dir / REGIONS)[0] if (shard_dir / REGIONS / "manifest.json").is_file() else None
+    return DemoShards(train, test, n_train, n_test, regions)
 
 
-def prepare_demo_shards(cache_dir: Path) -> DemoShards:
-    """Generate and shard the demo world into ``cache_dir`` unless it is already there."""
+def prepare_demo_shards(cache_dir: Path, regions: bool = False) -> DemoShards:
+    """Generate and shard the demo world into ``cache_dir`` unless it is already there (with ``regions``: also
+    the region shards)."""
     ready = demo_shards(cache_dir)
-    if ready is not None:
+    if ready is not None and (ready.regions is not None or not regions):
         return ready
     world = world_dir(cache_dir)
     log.info("first use of this demo world: generating %d images and sharding them into %s", DEMO_IMAGES, world)
@@ -87,7 +93,9 @@ def prepare_demo_shards(cache_dir: Path) -> DemoShards:
             options = ShardOptions(out=work / "shards" / split, prefix=f"demo-{split}", format_name="coco-karpathy",
                                    shard_size=200, inputs=[str(raw / "coco" / "dataset_coco.json")], progress=False)
             write_shards(read_format("coco-karpathy", reader_args, [split]), options)
-        for split in SPLITS:  # shard names are relative; the manifests stay valid after the move
+        if regions:
+            _write_region_shards(raw, work / "shards" / REGIONS)
+        for split in (*SPLITS, REGIONS) if regions else SPLITS:  # names are relative: manifests survive the move
             target = world / "shards" / split
             target.parent.mkdir(parents=True, exist_ok=True)
             if not target.exists():
@@ -95,8 +103,21 @@ def prepare_demo_shards(cache_dir: Path) -> DemoShards:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     prepared = demo_shards(cache_dir)
-    if prepared is None:
+    if prepared is None or (regions and prepared.regions is None):
         raise RuntimeError(f"preparing the demo shards in {cache_dir} failed (no manifest.json written)")
     log.info("demo data ready in %.0f s (%d train / %d test images)", time.monotonic() - started,
              prepared.train_samples, prepared.test_samples)
     return prepared
+
+
+def _write_region_shards(raw: Path, out: Path) -> None:
+    """Region shards (Visual Genome format) of the images in the caption train split only: the alignment task
+    must not see the held-out retrieval images."""
+    captions = read_format("coco-karpathy", ReaderArgs(ann=[raw / "coco" / "dataset_coco.json"], images=raw / "coco"),
+                           ["train"])
+    train_ids = {s.image_id for s in captions if hasattr(s, "image_id")}
+    vg = raw / "vg"
+    args = ReaderArgs(ann=[vg / "region_descriptions.json", vg / "image_data.json"], images=vg)
+    samples = (s for s in read_format("vg-regions", args) if not hasattr(s, "image_id") or s.image_id in train_ids)
+    write_shards(samples, ShardOptions(out=out, prefix="demo-regions", format_name="vg-regions", shard_size=200,
+                                       inputs=[str(vg / "region_descriptions.json")], progress=False))
