@@ -13,13 +13,14 @@ step each, for A/B comparisons.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from mplug_ds.data.data_config import DataConfig
 from mplug_ds.distributed import all_gather, all_gather_with_grad, get_rank, get_world_size
 from mplug_ds.models.mplug import MPLUG
 from mplug_ds.objectives.pretrain import Batch, PretrainConfig, PretrainModel, soft_cross_entropy
@@ -41,7 +42,9 @@ from mplug_ds.objectives.timix_mixing import (
 
 StepOrder = Literal["fused", "reference_three_steps"]
 PHASES = ("fused", "pta", "main", "mix")
-REGION_KEYS = ("region_image", "region_text_ids", "region_text_mask", "patch_labels", "region_image_index")
+# What the fused forward always returns besides the mPLUG losses (0 when a part did not run this step).
+LOG_KEYS = ("loss_pta", "pta_accuracy", "pta_precision", "pta_recall", "pta_positive_rate", "loss_mix", "gamma",
+            "mix_lambda_mean", "mix_lambda_min", "mix_lambda_max", "mix_side_mean")
 
 
 @dataclass
@@ -51,7 +54,9 @@ class TimixConfig:
     enabled: bool = False
     predictor_layer: int | None = None  # ViT block (0-based) the patch predictor reads; None: layers // 2 − 1
     pta_weight: float = 1.0  # weight of the patch-text alignment loss
-    region_images_per_gpu: int = 8  # region-shard images per rank and step (each brings up to data.max_regions phrases)
+    region_images_per_gpu: int = 8  # region-shard images per rank and step (each brings up to max_regions phrases)
+    # The region shards (data.source=shards; the demo brings its own): sources, workers, max_regions, careful_flip …
+    regions: DataConfig = field(default_factory=lambda: DataConfig(num_workers=1, shuffle_buffer=200))
     mix_weight: float = 1.0  # γ after its ramp
     gamma_ramp_steps: int = 1000  # γ rises linearly from 0 at step 0 to mix_weight at this step
     mix_stop_step: int | None = None  # no mixing from this optimizer step on (None: never stops)
@@ -142,6 +147,10 @@ class TimixPretrainModel(PretrainModel):
                 out.update(stats, loss_mix=loss_mix.detach())
                 out["loss"] = out["loss"] + gamma * loss_mix
         out["gamma"] = torch.tensor(gamma)
+        if phase == "fused":
+            zero = out["loss"].new_zeros(())
+            for key in LOG_KEYS:
+                out.setdefault(key, zero)
         return out
 
     # ------------------------------------------------------------------ patch-text alignment
