@@ -9,7 +9,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterator
 
+import torch
+
+from mplug_ds.data.collate import tokenize
 from mplug_ds.data.data_config import DataConfig, SourceConfig
+from mplug_ds.data.transforms import box_to_patch_labels
+from mplug_ds.engine.synthetic_data import _word_list
 
 # collate_region's fields as the joined batch names them (its ``image`` becomes ``region_image``).
 REGION_FIELDS = {"image": "region_image", "region_text_ids": "region_text_ids",
@@ -51,3 +56,42 @@ class WithRegions:
                              "; resume it with timix.enabled=false")
         self.captions.load_state_dict(state["captions"])
         self.regions.load_state_dict(state["regions"])
+
+
+class SyntheticRegionBatches:
+    """Region batches generated in-process (benchmarks, engine tests): random images, phrases of real words,
+    random boxes → patch labels, ``phrases_per_image`` phrases per image. Batch ``i`` depends only on
+    ``(seed, rank, i)``, so the position is one integer and resuming is exact."""
+
+    def __init__(self, images: int, image_size: int, patch_size: int, max_text_len: int, seed: int, rank: int,
+                 phrases_per_image: int = 4) -> None:
+        self.images, self.image_size, self.patch_size = images, image_size, patch_size
+        self.max_text_len, self.seed, self.rank, self.phrases = max_text_len, seed, rank, phrases_per_image
+        self.next_index = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            batch = self.batch(self.next_index)
+            self.next_index += 1
+            yield batch
+
+    def batch(self, index: int) -> dict[str, Any]:
+        """Batch number ``index`` of this rank, in ``collate_region``'s layout."""
+        gen = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.rank) * 1_000_033 + index + 7) % 2**62)
+        words, res, count = _word_list(), self.image_size, self.images * self.phrases
+        picks = torch.randint(len(words), (count, 3), generator=gen).tolist()
+        corners = torch.rand(count, 2, 2, generator=gen).sort(dim=1).values * res
+        labels = [box_to_patch_labels([c[0, 0], c[0, 1], c[1, 0], c[1, 1]], res, self.patch_size)
+                  for c in corners]
+        ids, mask = tokenize([" ".join(words[i] for i in p) for p in picks], self.max_text_len)
+        return {"image": torch.rand(self.images, 3, res, res, generator=gen) * 2 - 1, "region_text_ids": ids,
+                "region_text_mask": mask, "patch_labels": torch.stack(labels),
+                "region_image_index": torch.arange(self.images).repeat_interleave(self.phrases)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stream position."""
+        return {"next_index": self.next_index}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a position saved by ``state_dict``."""
+        self.next_index = int(state["next_index"])
