@@ -42,8 +42,9 @@ from mplug_ds.objectives.timix_mixing import (
 
 StepOrder = Literal["fused", "reference_three_steps"]
 PHASES = ("fused", "pta", "main", "mix")
-# What the fused forward always returns besides the mPLUG losses (0 when a part did not run this step).
-LOG_KEYS = ("loss_pta", "pta_accuracy", "pta_precision", "pta_recall", "pta_positive_rate", "loss_mix", "gamma",
+MAIN_KEYS = ("loss_ita", "loss_itm", "loss_mlm", "loss_prefix")
+# What every forward returns besides "loss" and the mPLUG losses (0 when a part did not run this step).
+LOG_KEYS = ("loss_pta", "pta_accuracy", "pta_precision", "pta_recall", "pta_positive_rate", "loss_mix",
             "mix_lambda_mean", "mix_lambda_min", "mix_lambda_max", "mix_side_mean")
 
 
@@ -125,9 +126,9 @@ class TimixPretrainModel(PretrainModel):
         if phase not in PHASES:
             raise ValueError(f"unknown TiMix phase '{phase}' ({', '.join(PHASES)})")
         if phase == "pta":
-            return self._alignment_only(batch)
+            return self._complete(self._alignment_only(batch))
         if phase == "mix":
-            return self._mix_phase(gamma)
+            return self._complete(self._mix_phase(gamma))
         if batch["image"].shape[0] < 2:
             raise ValueError("pre-training needs at least 2 samples per rank (ITM samples in-batch negatives)")
         m = self.model
@@ -146,11 +147,15 @@ class TimixPretrainModel(PretrainModel):
                 loss_mix, stats = self.mixed_loss(mix, m.text_feature(text))
                 out.update(stats, loss_mix=loss_mix.detach())
                 out["loss"] = out["loss"] + gamma * loss_mix
-        out["gamma"] = torch.tensor(gamma)
-        if phase == "fused":
-            zero = out["loss"].new_zeros(())
-            for key in LOG_KEYS:
-                out.setdefault(key, zero)
+        return self._complete(out)
+
+    @staticmethod
+    def _complete(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every phase returns every key (0 for what it did not compute): the engine logs a fixed set, and in the
+        three-step order each key is non-zero in exactly one phase, so per-phase values add up per batch."""
+        zero = out["loss"].detach().new_zeros(())
+        for key in MAIN_KEYS + LOG_KEYS:
+            out.setdefault(key, zero)
         return out
 
     # ------------------------------------------------------------------ patch-text alignment
@@ -164,7 +169,7 @@ class TimixPretrainModel(PretrainModel):
 
     def _alignment_only(self, batch: Batch) -> dict[str, torch.Tensor]:
         loss, metrics = self.alignment(batch)
-        return {"loss": loss, "loss_pta": loss.detach(), **metrics}
+        return {"loss": self.timix.pta_weight * loss, "loss_pta": loss.detach(), **metrics}
 
     # ------------------------------------------------------------------ mixing
     def relevance(self, tapped: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

@@ -77,7 +77,7 @@ def test_fused_forward_adds_alignment_and_mixed_losses_and_one_backward_reaches_
         batch = {**pretrain_batch(batch_size=5), **region_batch()}
         torch.manual_seed(1)
         out = objective(batch, alpha=0.4, gamma=0.5)
-        for key in ("loss_pta", "loss_mix", "pta_recall", "mix_lambda_mean", "mix_side_mean", "gamma"):
+        for key in ("loss_pta", "loss_mix", "pta_recall", "mix_lambda_mean", "mix_side_mean"):
             assert torch.isfinite(out[key]), key
         main = sum(out[k] for k in ("loss_ita", "loss_itm", "loss_mlm", "loss_prefix"))
         assert torch.allclose(out["loss"], main + out["loss_pta"] + 0.5 * out["loss_mix"], atol=1e-5)
@@ -92,3 +92,15 @@ def test_gamma_zero_skips_the_mixed_pass():
     objective.model.visual.vit.patch_embed.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
     out = objective({**pretrain_batch(batch_size=4), **region_batch()}, alpha=0.0, gamma=0.0)
     assert out["loss_mix"] == 0 and calls == [4, 3]  # main images, region images; no mixed images
+
+
+def test_reference_three_phases_give_the_fused_losses_before_any_update():
+    objective = timix_objective(side_per_sample=True, label_mode="relevance_pred", pta_weight=0.5)
+    batch = {**pretrain_batch(batch_size=4), **region_batch()}
+    torch.manual_seed(3)
+    fused = objective(batch, alpha=0.4, gamma=0.7)
+    torch.manual_seed(3)
+    phases = [objective(batch, alpha=0.4, gamma=0.7, phase=p) for p in ("pta", "main", "mix")]
+    for key, value in fused.items():
+        assert torch.allclose(sum(p[key] for p in phases), value, atol=1e-5), key
+    assert phases[0]["loss_ita"] == 0 and phases[2]["loss_pta"] == 0  # each phase computes only its own part
