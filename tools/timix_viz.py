@@ -29,6 +29,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=6, help="images in the batch (rows of the grid)")
     parser.add_argument("--skip", type=int, default=0, help="start after this many samples of the shards")
     parser.add_argument("--seed", type=int, default=0, help="seed for window sides and pairing")
+    parser.add_argument("--side", type=int, default=None, help="window side in patches for every image (default: "
+                        "drawn as in training, from timix.min/max_side_ratio)")
     parser.add_argument("--out", default=None, help="PNG path (default: <checkpoint>/timix_viz.png)")
     return parser.parse_args(argv)
 
@@ -86,17 +88,21 @@ def load_batch(pattern: str, count: int, skip: int, image_size: int, max_len: in
 
 
 @torch.no_grad()
-def timix_batch(model, timix, images, ids, mask, seed: int):
+def timix_batch(model, timix, images, ids, mask, seed: int, side: int | None = None):
     """Relevance, mix plan, mixed images and source shares for one batch (what a training step would do)."""
     from mplug_ds.objectives.pretrain import PretrainConfig
     from mplug_ds.objectives.timix import TimixPretrainModel
-    from mplug_ds.objectives.timix_mixing import mix_pixels, source_share
+    from mplug_ds.objectives.timix_mixing import draw_partners, mix_pixels, plan_mix, source_share, standardize
 
     objective = TimixPretrainModel(model, PretrainConfig(distill=False), timix)
     _, tapped = model.encode_image_tapped(images)
     probs = objective.relevance(tapped, model.encode_text(ids, mask))
     torch.manual_seed(seed)
-    plan = objective.draw_plan(probs)
+    if side is None:
+        plan = objective.draw_plan(probs)
+    else:
+        sides = torch.full((probs.shape[0],), side)
+        plan = plan_mix(standardize(probs.log()), sides, draw_partners(probs.shape[0], timix.pairing))
     mixed = mix_pixels(images, plan, model.cfg.vision.patch_size)
     return probs, plan, mixed, source_share(plan, timix.label_mode, probs)
 
@@ -175,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"timix_viz: {err}", file=sys.stderr)
         return 1
-    probs, plan, mixed, share = timix_batch(model, timix, images, ids, mask, args.seed)
+    probs, plan, mixed, share = timix_batch(model, timix, images, ids, mask, args.seed, args.side)
     out = Path(args.out) if args.out else (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "timix_viz.png"
     draw(images, captions, probs, plan, mixed, share, model.cfg.vision.patch_size, out)
     print(out)
