@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         model, timix = load_model_and_timix(checkpoint)
         pattern = args.shards
         if pattern is None:
-            from mplug_ds.engine.demo_data import prepare_demo_shards
+            from mplug_ds.data.demo_shards import prepare_demo_shards
 
             pattern = prepare_demo_shards(Path(args.demo_cache)).test
         images, ids, mask, captions = load_batch(pattern, args.images, args.skip, model.cfg.vision.image_size)

@@ -14,7 +14,7 @@ import torch
 from mplug_ds.data.collate import tokenize
 from mplug_ds.data.data_config import DataConfig, SourceConfig
 from mplug_ds.data.transforms import box_to_patch_labels
-from mplug_ds.engine.synthetic_data import _word_list
+from mplug_ds.data.synthetic import _word_list
 
 # collate_region's fields as the joined batch names them (its ``image`` becomes ``region_image``).
 REGION_FIELDS = {"image": "region_image", "region_text_ids": "region_text_ids",

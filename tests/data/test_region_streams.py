@@ -9,8 +9,8 @@ from mplug_ds.data.data_config import DataConfig, SourceConfig
 from mplug_ds.data.pipeline import ShardLoader
 from mplug_ds.data.reading import iter_samples
 from mplug_ds.data.region_streams import SyntheticRegionBatches, WithRegions, region_pipeline_config
-from mplug_ds.engine.data_source import EndlessShardBatches
-from mplug_ds.engine.demo_data import prepare_demo_shards
+from mplug_ds.data.streams import EndlessShardBatches
+from mplug_ds.data.demo_shards import prepare_demo_shards
 
 
 @pytest.fixture(scope="module")

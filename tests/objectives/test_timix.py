@@ -1,25 +1,31 @@
 """The TiMix objective on the tiny model: the predictor side branch, patch-text alignment, the fused loss."""
 import torch
 
+from mplug_ds.data.collate import collate_region
+from mplug_ds.data.region_streams import REGION_FIELDS
 from mplug_ds.data.transforms import box_to_patch_labels
 from mplug_ds.models.config import load_model_config
 from mplug_ds.models.mplug import build_model
 from mplug_ds.objectives.pretrain import PretrainConfig
 from mplug_ds.objectives.timix import TimixConfig, TimixPretrainModel, alignment_loss
-from tests.model_utils import pretrain_batch, tokenize
+from tests.model_utils import pretrain_batch
 
 NO_DROPOUT = ["text.hidden_dropout=0", "text.attn_dropout=0"]
 
 
 def region_batch(images=3, phrases_per_image=(2, 1, 3), seed=0):
-    """Region fields as ``collate_region`` lays them out (one row per phrase, pointing into the images)."""
+    """Region fields collated by the loader's own ``collate_region`` and named as in a joined TiMix batch."""
     gen = torch.Generator().manual_seed(seed)
-    index = torch.tensor([i for i, n in enumerate(phrases_per_image) for _ in range(n)])
     boxes = [[0, 0, 20, 20], [30, 30, 64, 64], [10, 40, 30, 64], [0, 0, 64, 64], [40, 0, 64, 30], [5, 5, 40, 12]]
-    ids, mask = tokenize([f"a red circle number {i}" for i in range(len(index))], 10)
-    return {"region_image": torch.randn(images, 3, 64, 64, generator=gen), "region_text_ids": ids,
-            "region_text_mask": mask, "region_image_index": index,
-            "patch_labels": torch.stack([box_to_patch_labels(boxes[i % len(boxes)], 64, 16) for i in range(len(index))])}
+    items, phrase = [], 0
+    for i, n in enumerate(phrases_per_image):
+        texts = [f"a red circle number {phrase + j}" for j in range(n)]
+        labels = [box_to_patch_labels(boxes[(phrase + j) % len(boxes)], 64, 16) for j in range(n)]
+        items.append({"key": str(i), "image": torch.randn(3, 64, 64, generator=gen), "texts": texts,
+                      "patch_labels": labels})
+        phrase += n
+    batch = collate_region(items, 10)
+    return {name: batch[key] for key, name in REGION_FIELDS.items()}
 
 
 def timix_objective(layer=1, **timix):
