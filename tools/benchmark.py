@@ -4,10 +4,13 @@
     python tools/benchmark.py --model mplug.en.base --zero 2 --batch 64 --steps 20 --precision bf16 \
         --attn sdpa --baseline-attn eager
     deepspeed --num_gpus 8 tools/benchmark.py --model mplug.en.large --zero 3 --batch 32 --steps 20
+    python tools/benchmark.py --model mplug.en.base --batch 64 --steps 20 --timix
 
 Prints samples/s, step time, achieved TFLOP/s and MFU (FLOPs counted analytically from the config, see
 mplug_ds/engine/flops.py), and peak memory. ``--baseline-attn`` measures a second attention backend in the same
-run and prints the ratio. Each timed step is the trainer's own ``Trainer.optimizer_step`` (schedule, forward,
+run and prints the ratio; ``--timix`` measures the TiMix step (patch-text alignment + mixed pass, one optimizer
+step) and the plain step in the same run and prints TiMix / plain step time (TFLOP/s and MFU count the plain
+step's FLOPs in both lines). Each timed step is the trainer's own ``Trainer.optimizer_step`` (schedule, forward,
 non-finite guard, backward, optimizer step, momentum update, step record). Batches are synthetic, padded like
 training batches (``--text-len`` tokens per caption) and resident on the device, so data loading is not measured
 (tools/benchmark_data.py measures the loader).
@@ -20,7 +23,6 @@ import itertools
 import json
 import tempfile
 import time
-from functools import partial
 
 import torch
 
@@ -48,15 +50,19 @@ def parse_args() -> argparse.Namespace:
                         help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
     parser.add_argument("--text-len", type=int, default=30, help="caption tokens (padded length)")
+    parser.add_argument("--timix", action="store_true",
+                        help="time the TiMix step (alignment + mixing, fused) and the plain step in this run and "
+                             "print the step-time ratio; region batches: batch/8 images × 4 phrases")
     parser.add_argument("--json", action="store_true", help="print one JSON line per measurement")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
-def measure(args: argparse.Namespace, attn: str, world, out_dir: str) -> dict:
-    """Build the engine for one configuration and time ``args.steps`` optimizer steps of the trainer's own step."""
+def measure(args: argparse.Namespace, attn: str, world, out_dir: str, timix: bool = False) -> dict:
+    """Build the engine for one configuration and time ``args.steps`` optimizer steps of the trainer's own step
+    (``timix``: with TiMix on and γ = 1 from the first step, so every timed step mixes)."""
     from mplug_ds.engine.trainer import Trainer
-    from mplug_ds.objectives.pretrain_recipe import PretrainRecipe
+    from mplug_ds.objectives.timix_recipe import pretrain_recipe
 
     precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
     ds = "zero3_offload" if args.offload else f"zero{args.zero}"
@@ -68,9 +74,11 @@ def measure(args: argparse.Namespace, attn: str, world, out_dir: str) -> dict:
         f"deepspeed.zero_on_one_rank={str(args.zero_on_one_rank).lower()}",
         f"deepspeed.precision={precision}", f"data.max_text_len={args.text_len}", "logging.report_to=[none]",
         f"schedule.total_steps={total}", f"schedule.warmup_steps={min(2, total)}", f"logging.every_steps={total}",
-        "logging.progress_bar=false", f"run.output_dir={out_dir}"])
+        "logging.progress_bar=false", f"run.output_dir={out_dir}",
+        *(["timix.enabled=true", "timix.gamma_ramp_steps=0", f"timix.region_images_per_gpu={max(1, args.batch // 8)}"]
+          if timix else [])])
     resolved = validate(cfg, world.world_size)
-    trainer = Trainer(cfg, resolved, world, partial(PretrainRecipe, cfg, resolved))
+    trainer = Trainer(cfg, resolved, world, pretrain_recipe(cfg, resolved))
     engine = trainer.engine
     batch = {k: v.to(engine.device) for k, v in next(iter(trainer.stream)).items()}  # resident: no copy per step
     data = itertools.repeat(batch)
@@ -100,7 +108,7 @@ def measure(args: argparse.Namespace, attn: str, world, out_dir: str) -> dict:
     device_name = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"
     peak = device_peak_tflops(device_name) if engine.device.type == "cuda" else None
     result = {
-        "model": args.model, "attn": attn, "zero": engine.zero_optimization_stage(), "offload": args.offload,
+        "model": args.model, "timix": timix, "attn": attn, "zero": engine.zero_optimization_stage(), "offload": args.offload,
         "precision": precision, "grad_checkpointing": args.grad_checkpointing, "batch_per_device": args.batch,
         "world_size": world.world_size, "device": device_name, "steps": args.steps,
         "text_len": lengths.text, "skipped_batches": trainer.state.skipped_batches,
@@ -117,7 +125,8 @@ def report(result: dict, as_json: bool) -> str:
     if as_json:
         return json.dumps(result)
     mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a (no known peak for this device)"
-    return (f"{result['model']} attn={result['attn']} zero={result['zero']} {result['precision']} "
+    name = f"{result['model']} +TiMix" if result["timix"] else result["model"]
+    return (f"{name} attn={result['attn']} zero={result['zero']} {result['precision']} "
             f"batch={result['batch_per_device']}x{result['world_size']} on {result['device']}: "
             f"{result['samples_per_s']:.2f} samples/s, {1000 * result['step_time_s']:.1f} ms/step, "
             f"{result['tflops_per_device']:.3f} TFLOP/s per device, MFU {mfu}, "
@@ -127,20 +136,29 @@ def report(result: dict, as_json: bool) -> str:
 def main() -> None:
     args = parse_args()
     world = prepare_world_env()
+    runs = [(args.attn, True), (args.attn, False)] if args.timix else [(args.attn, False)]
+    if args.baseline_attn:
+        runs.append((args.baseline_attn, False))
+    results = []
     with tempfile.TemporaryDirectory(prefix="mplug_ds-benchmark-") as out_dir:
-        results = [measure(args, args.attn, world, f"{out_dir}/{args.attn}")]
-        if args.baseline_attn:
-            gc.collect()  # release the first engine before building the second
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            results.append(measure(args, args.baseline_attn, world, f"{out_dir}/{args.baseline_attn}"))
+        for i, (attn, timix) in enumerate(runs):
+            if results:
+                gc.collect()  # release the previous engine before building the next
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            results.append(measure(args, attn, world, f"{out_dir}/{i}", timix))
     if world.rank != 0:
         return
     for result in results:
         print(report(result, args.json), flush=True)
-    if len(results) == 2:
-        ratio = results[0]["samples_per_s"] / results[1]["samples_per_s"]
-        memory = results[0]["peak_memory_gb"] / max(results[1]["peak_memory_gb"], 1e-9)
+    if args.timix:
+        timix, plain = results[0], results[1]
+        print(f"TiMix vs plain ({args.model}, same run): {timix['step_time_s'] / plain['step_time_s']:.2f}x step time, "
+              f"{timix['peak_memory_gb'] / max(plain['peak_memory_gb'], 1e-9):.2f}x peak memory", flush=True)
+    if args.baseline_attn:
+        first, baseline = results[-2], results[-1]
+        ratio = first["samples_per_s"] / baseline["samples_per_s"]
+        memory = first["peak_memory_gb"] / max(baseline["peak_memory_gb"], 1e-9)
         print(f"{args.attn} vs {args.baseline_attn}: {ratio:.2f}x samples/s, {memory:.2f}x peak memory", flush=True)
 
 

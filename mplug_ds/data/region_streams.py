@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import torch
 
 from mplug_ds.data.collate import tokenize
-from mplug_ds.data.data_config import DataConfig, SourceConfig
+from mplug_ds.data.data_config import DataConfig, SourceConfig, StreamConfig
 from mplug_ds.data.transforms import box_to_patch_labels
 from mplug_ds.data.synthetic import _word_list
 
@@ -22,11 +22,13 @@ REGION_FIELDS = {"image": "region_image", "region_text_ids": "region_text_ids",
                  "region_image_index": "region_image_index"}
 
 
-def region_pipeline_config(regions: DataConfig, images_per_gpu: int, image_res: int, patch_size: int, max_len: int,
-                           sources: list[SourceConfig] | None = None) -> DataConfig:
+def region_pipeline_config(regions: StreamConfig, images_per_gpu: int, image_res: int, patch_size: int,
+                           max_len: int, sources: list[SourceConfig] | None = None) -> DataConfig:
     """The region pipeline's config: ``regions`` (sources, workers, max_regions …) with the run-owned fields set."""
-    return dataclasses.replace(regions, task="region", train=True, batch_size=images_per_gpu, image_res=image_res,
-                               patch_size=patch_size, max_len=max_len, sources=sources or regions.sources)
+    stream = {f.name: getattr(regions, f.name) for f in dataclasses.fields(StreamConfig)}
+    stream["sources"] = sources or stream["sources"]
+    return DataConfig(**stream, task="region", train=True, batch_size=images_per_gpu, image_res=image_res,
+                      patch_size=patch_size, max_len=max_len)
 
 
 class WithRegions:

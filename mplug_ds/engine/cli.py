@@ -5,7 +5,6 @@ import argparse
 import logging
 import os
 import sys
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -94,12 +93,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(cfg: TrainConfig, resolved: ResolvedRun, world: WorldInfo) -> int:
     """Train and print the summary on rank 0; any failure ends this rank at once with status 1."""
     from mplug_ds.engine.trainer import Trainer
-    from mplug_ds.objectives.pretrain_recipe import PretrainRecipe
+    from mplug_ds.objectives.timix_recipe import pretrain_recipe
 
     if cfg.run.cpu_threads and not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(cfg.run.cpu_threads)
     with exit_hard_on_failure(world.rank):
-        summary = Trainer(cfg, resolved, world, partial(PretrainRecipe, cfg, resolved)).train()
+        summary = Trainer(cfg, resolved, world, pretrain_recipe(cfg, resolved)).train()
     if world.rank == 0:
         print(format_summary(summary, write_plot(cfg.output_dir)), flush=True)
     return 0

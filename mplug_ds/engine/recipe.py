@@ -10,7 +10,8 @@ and TiMix are others. The ``Trainer`` calls, in this order::
     deepspeed.initialize(recipe.module)    the optimizer gets recipe.module's trainable parameters
     recipe.engine_ready(engine)
     recipe.train_stream()                  once; resumed with its state_dict
-    per optimizer step:  engine(batch, **recipe.step_args(step)) -> losses; backward; step;
+    per optimizer step:  engine(batch, **recipe.step_args(step), **phase) -> losses; backward; step (once per
+                         phase in recipe.phases(step), normally one);
                          recipe.after_optimizer_step() when the step was applied
     at each checkpoint:  recipe.extra_state()       (restored with load_extra_state on resume)
     at the end:          recipe.evaluate(engine)    -> metrics for the summary
@@ -56,6 +57,13 @@ class Recipe:
         """Keyword arguments of ``module.forward`` for the optimizer step after ``step`` completed steps
         (e.g. a distillation weight ramp); they are logged with the losses."""
         return {}
+
+    def phases(self, step: int) -> tuple[dict[str, Any], ...]:
+        """Extra ``module.forward`` keyword arguments, one dict per forward/backward/optimizer step that each
+        micro-batch gets in optimizer step ``step``. Default: one (everything in one step). More than one (TiMix's
+        reference three-step order) needs ``batch.grad_accum_steps`` 1; every phase returns every loss key and
+        the logged value of a key is its sum over the phases."""
+        return ({},)
 
     def engine_ready(self, engine: Any) -> None:
         """Called once after ``deepspeed.initialize`` (e.g. to move state kept outside the engine to its device)."""

@@ -12,6 +12,7 @@ from typing import Any, Literal, Sequence
 from mplug_ds.config import load_config
 from mplug_ds.data.streams import DataSection
 from mplug_ds.objectives.pretrain import PretrainConfig
+from mplug_ds.objectives.timix import TimixConfig
 
 Precision = Literal["bf16", "fp16", "fp32"]
 
@@ -150,6 +151,7 @@ class TrainConfig(EngineConfig):
     objective: PretrainConfig = field(default_factory=PretrainConfig)
     data: DataSection = field(default_factory=DataSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    timix: TimixConfig = field(default_factory=TimixConfig)  # TiMix pre-training (off by default)
 
 
 def load_train_config(name_or_path: str | Path = "demo", overrides: Sequence[str] = ()) -> TrainConfig:

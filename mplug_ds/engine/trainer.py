@@ -174,6 +174,7 @@ class Trainer:
         accum = cfg.batch.grad_accum_steps
         self.schedule.apply(self.optimizer, self.state.step)
         step_args = self.recipe.step_args(self.state.step)
+        phases = self.recipe.phases(self.state.step)
         sums = torch.zeros(len(keys), dtype=torch.float64)
         data_time = compute_time = 0.0
         started = time.perf_counter()
@@ -188,26 +189,29 @@ class Trainer:
             t0 = time.perf_counter()
             batch = {k: v.to(engine.device, non_blocking=True) for k, v in next(data).items()}
             t1 = time.perf_counter()
-            out = engine(batch, **step_args)
-            losses, nonfinite, stop_any = self._agree(out, stop.requested)
-            stop_requested |= stop_any
-            if self.guard.observe(not nonfinite):
-                self.state.skipped_batches += 1
-                self.logger.event("skipped_batch", step=self.state.step + 1,
-                                  **{k: float(v) for k, v in zip(keys, losses)})
-                self.logger.info(f"warning: non-finite loss before step {self.state.step + 1} "
-                                 f"({', '.join(f'{k}={v:.4g}' for k, v in zip(keys, losses.tolist()))}); "
-                                 f"batch skipped ({self.guard.in_row} in a row)")
-                del out
-                data_time += t1 - t0
-                compute_time += time.perf_counter() - t1
-                continue
-            engine.backward(out["loss"])
-            engine.step()
-            sums += losses
-            good += 1
+            batch_losses, finite = torch.zeros_like(sums), True
+            for phase in phases:  # one phase unless the recipe asks for several optimizer steps per batch
+                out = engine(batch, **step_args, **phase)
+                losses, nonfinite, stop_any = self._agree(out, stop.requested)
+                stop_requested |= stop_any
+                if self.guard.observe(not nonfinite):
+                    self.state.skipped_batches += 1
+                    self.logger.event("skipped_batch", step=self.state.step + 1,
+                                      **{k: float(v) for k, v in zip(keys, losses)})
+                    self.logger.info(f"warning: non-finite loss before step {self.state.step + 1} "
+                                     f"({', '.join(f'{k}={v:.4g}' for k, v in zip(keys, losses.tolist()))}); "
+                                     f"batch skipped ({self.guard.in_row} in a row)")
+                    del out
+                    finite = False
+                    break  # with several phases, the ones already stepped stay applied
+                engine.backward(out["loss"])
+                engine.step()
+                batch_losses += losses
             data_time += t1 - t0
             compute_time += time.perf_counter() - t1
+            if finite:
+                sums += batch_losses
+                good += 1
         if engine.was_step_applied():
             self.recipe.after_optimizer_step()
         global_batch = cfg.batch.micro_batch_per_gpu * accum * self.world.world_size

@@ -1,6 +1,7 @@
 """Check a ``TrainConfig`` completely before any process starts work; every failure is a ``ConfigError``."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import torch
 
 from mplug_ds.config import ConfigError
 from mplug_ds.data.pipeline import check_config, check_shard_files
+from mplug_ds.data.region_streams import region_pipeline_config
 from mplug_ds.data.streams import pipeline_config
 from mplug_ds.engine.checkpoint import resolve_resume
 from mplug_ds.engine.ds_config import build_ds_config
@@ -18,6 +20,7 @@ from mplug_ds.engine.logging import check_report_to
 from mplug_ds.engine.train_config import EngineConfig, TrainConfig
 from mplug_ds.models.config import ModelConfig, load_model_config
 from mplug_ds.objectives.pretrain import PretrainConfig
+from mplug_ds.objectives.timix_mixing import side_range
 
 
 @dataclass
@@ -177,4 +180,36 @@ def validate(cfg: TrainConfig, world_size: int) -> ResolvedRun:
     if not 0 <= o.alpha <= 1 or not 0 <= o.momentum < 1 or not 0 < o.mlm_probability < 1:
         raise ConfigError(f"objective: alpha must be in [0, 1] (got {o.alpha}), momentum in [0, 1) (got {o.momentum}) "
                           f"and mlm_probability in (0, 1) (got {o.mlm_probability})")
+    model = resolve_timix(cfg, model)
     return ResolvedRun(ds_config=engine.ds_config, report_to=engine.report_to, model=model, objective=o)
+
+
+def resolve_timix(cfg: TrainConfig, model: ModelConfig) -> ModelConfig:
+    """Check the ``timix`` section; with TiMix on, the model config gains its patch predictor's block."""
+    t = cfg.timix
+    if not t.enabled:
+        return model
+    layer = t.layer_for(model.vision.layers)
+    if not 0 <= layer < model.vision.layers:
+        raise ConfigError(f"timix.predictor_layer={layer} is outside the ViT's blocks 0..{model.vision.layers - 1}")
+    if model.patch_predictor_layer not in (None, layer):
+        raise ConfigError(f"model patch_predictor_layer={model.patch_predictor_layer} disagrees with "
+                          f"timix.predictor_layer ({layer}); set only timix.predictor_layer")
+    try:
+        side_range(model.vision.image_size // model.vision.patch_size, t.min_side_ratio, t.max_side_ratio)
+    except ValueError as err:
+        raise ConfigError(f"timix: {err}") from None
+    if t.step_order == "reference_three_steps" and cfg.batch.grad_accum_steps != 1:
+        raise ConfigError("timix.step_order=reference_three_steps takes three optimizer steps per batch and needs "
+                          f"batch.grad_accum_steps=1 (got {cfg.batch.grad_accum_steps})")
+    if cfg.data.source == "shards":
+        if not t.regions.sources:
+            raise ConfigError("timix.regions.sources is required with data.source=shards: region shards (make_shards "
+                              "vg-regions / vg-objects / refcoco / xvlm-regions), e.g. "
+                              "[{name: vg, shards: '/data/vg_regions/{000000..000107}.tar'}]")
+        try:
+            check_config(region_pipeline_config(t.regions, t.region_images_per_gpu, model.vision.image_size,
+                                                model.vision.patch_size, cfg.data.max_text_len), where="timix.regions")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    return dataclasses.replace(model, patch_predictor_layer=layer)

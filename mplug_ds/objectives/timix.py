@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from mplug_ds.data.data_config import DataConfig
+from mplug_ds.config import ConfigError
+from mplug_ds.data.data_config import StreamConfig
 from mplug_ds.distributed import all_gather, all_gather_with_grad, get_rank, get_world_size
 from mplug_ds.models.mplug import MPLUG
 from mplug_ds.objectives.pretrain import Batch, PretrainConfig, PretrainModel, soft_cross_entropy
@@ -52,31 +53,31 @@ LOG_KEYS = ("loss_pta", "pta_accuracy", "pta_precision", "pta_recall", "pta_posi
 class TimixConfig:
     """TiMix switches and knobs (the ``timix`` block of a pre-training config)."""
 
-    enabled: bool = False
-    predictor_layer: int | None = None  # ViT block (0-based) the patch predictor reads; None: layers // 2 − 1
+    enabled: bool = False  # TiMix on (patch predictor, alignment loss, mixing) or off (nothing built or run)
+    predictor_layer: int | None = None  # ViT block (0-based) the patch predictor reads; null: layers // 2 − 1
     pta_weight: float = 1.0  # weight of the patch-text alignment loss
     region_images_per_gpu: int = 8  # region-shard images per rank and step (each brings up to max_regions phrases)
-    # The region shards (data.source=shards; the demo brings its own): sources, workers, max_regions, careful_flip …
-    regions: DataConfig = field(default_factory=lambda: DataConfig(num_workers=1, shuffle_buffer=200))
+    # region shards (needed with data.source=shards; the demo brings its own)
+    regions: StreamConfig = field(default_factory=lambda: StreamConfig(num_workers=1, shuffle_buffer=200))
     mix_weight: float = 1.0  # γ after its ramp
     gamma_ramp_steps: int = 1000  # γ rises linearly from 0 at step 0 to mix_weight at this step
-    mix_stop_step: int | None = None  # no mixing from this optimizer step on (None: never stops)
+    mix_stop_step: int | None = None  # no mixing from this optimizer step on (null: never stops)
     min_side_ratio: float = 0.35  # window side k ∈ ⌊S·min⌋ … ⌊S·max⌋ patches (S = patches per image side)
-    max_side_ratio: float = 0.75
+    max_side_ratio: float = 0.75  # upper bound of the window side as a share of S
     side_per_sample: bool = False  # one k per batch (reference) or one per sample
     pairing: Pairing = "flip"  # flip i ↔ B−1−i (reference) | derangement (random, never self)
     mix_space: Literal["tokens", "pixels"] = "tokens"  # mix patch embeddings or pixels (equivalent)
-    label_mode: LabelMode = "area_pred"
-    step_order: StepOrder = "fused"
+    label_mode: LabelMode = "area_pred"  # soft targets: λ from area or relevance, over predictions or one-hot
+    step_order: StepOrder = "fused"  # one optimizer step per batch, or the reference's three (A/B only)
 
     def __post_init__(self) -> None:
         if self.label_mode not in LABEL_MODES:
-            raise ValueError(f"timix.label_mode '{self.label_mode}' is not one of {', '.join(LABEL_MODES)}")
+            raise ConfigError(f"timix.label_mode '{self.label_mode}' is not one of {', '.join(LABEL_MODES)}")
         if not 0 < self.min_side_ratio <= self.max_side_ratio < 1:
-            raise ValueError("timix needs 0 < min_side_ratio <= max_side_ratio < 1, got "
-                             f"{self.min_side_ratio} and {self.max_side_ratio}")
+            raise ConfigError("timix needs 0 < min_side_ratio <= max_side_ratio < 1, got "
+                              f"{self.min_side_ratio} and {self.max_side_ratio}")
         if self.gamma_ramp_steps < 0 or self.region_images_per_gpu < 1:
-            raise ValueError("timix.gamma_ramp_steps must be >= 0 and timix.region_images_per_gpu >= 1")
+            raise ConfigError("timix.gamma_ramp_steps must be >= 0 and timix.region_images_per_gpu >= 1")
 
     def layer_for(self, vit_layers: int) -> int:
         """The predictor's block for a ViT of ``vit_layers`` blocks (5 of 12, 11 of 24 by default)."""

@@ -1,0 +1,63 @@
+"""TiMix through the real engine: optimizer steps per batch (in this process, one rank) and the demo_timix config
+under the ``deepspeed`` launcher on 2 CPU ranks with ZeRO-2 and ZeRO-3."""
+import math
+
+import pytest
+import torch
+
+from mplug_ds.engine.train_config import load_train_config
+from mplug_ds.engine.trainer import Trainer
+from mplug_ds.engine.validate import validate
+from mplug_ds.objectives.timix_recipe import TimixRecipe, pretrain_recipe
+from tests.engine.engine_runs import deepspeed_command, run, step_losses
+from tests.engine.test_trainer import world  # noqa: F401  (the one-rank process group fixture)
+
+TIMIX_KEYS = ("loss_pta", "pta_accuracy", "pta_precision", "pta_recall", "loss_mix", "gamma", "mix_lambda_mean",
+              "mix_lambda_min", "mix_lambda_max", "mix_side_mean")
+
+
+def _adam_steps(trainer):
+    adam = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # the torch AdamW inside the ZeRO wrapper
+    return {int(state["step"]) for state in adam.state.values() if "step" in state}
+
+
+@pytest.mark.parametrize("order, per_batch", [("fused", 1), ("reference_three_steps", 3)])
+def test_optimizer_steps_per_batch(world, tmp_path, order, per_batch):  # noqa: F811
+    steps = 3
+    cfg = load_train_config("synthetic_tiny", [
+        f"run.output_dir={tmp_path}", "logging.progress_bar=false", "eval.retrieval=false",
+        "checkpoint.save_final=false", f"schedule.total_steps={steps}", "timix.enabled=true",
+        "timix.gamma_ramp_steps=1", "timix.region_images_per_gpu=2", f"timix.step_order={order}"])
+    resolved = validate(cfg, world.world_size)
+    trainer = Trainer(cfg, resolved, world, pretrain_recipe(cfg, resolved))
+    assert isinstance(trainer.recipe, TimixRecipe)
+    predictor = trainer.recipe.module.model.patch_predictor.classifier[-1].bias
+    before = predictor.detach().clone()
+    trainer.train()
+    # γ is 0 at step 0, so the reference order's first batch has no mixed step: 2 + 3 + 3.
+    expected = steps if per_batch == 1 else 2 + 3 * (steps - 1)
+    assert trainer.engine.global_steps == expected
+    assert _adam_steps(trainer) == {expected}
+    assert not torch.equal(predictor.detach(), before)
+    rows = step_losses(tmp_path)
+    assert sorted(rows) == [1, 2, 3] and rows[1]["gamma"] == 0 and rows[2]["gamma"] == 1
+    assert rows[1]["loss_mix"] == 0 and rows[2]["loss_mix"] > 0 and rows[3]["loss_pta"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero, extra", [
+    ("zero2", []), ("zero3", ["deepspeed.precision=bf16", "model.overrides.grad_checkpointing=true"])])
+def test_demo_timix_runs_on_two_ranks(tmp_path, zero, extra):
+    steps = 4
+    out = tmp_path / "run"
+    run(deepspeed_command(out, ["--config", "demo_timix", f"deepspeed.config={zero}", f"schedule.total_steps={steps}",
+                                "timix.gamma_ramp_steps=2", f"data.cache_dir={tmp_path / 'cache'}",
+                                "eval.retrieval=false", "logging.progress_bar=false", *extra]), timeout=900)
+    rows = step_losses(out)
+    assert sorted(rows) == list(range(1, steps + 1))
+    for row in rows.values():
+        assert all(math.isfinite(row[k]) for k in ("loss", *TIMIX_KEYS)), row
+        assert 0 <= row["pta_recall"] <= 1 and 0 < row["pta_positive_rate"] < 1
+    assert rows[1]["gamma"] == 0 and rows[1]["loss_mix"] == 0
+    assert rows[3]["gamma"] == 1 and rows[3]["loss_mix"] > 0 and rows[3]["mix_side_mean"] >= 2
+    assert (out / "checkpoints").is_dir() and (out / "model_config.yaml").read_text().count("patch_predictor_layer: 1")
