@@ -25,7 +25,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="run directory, checkpoints/ or step_* directory, or an export directory "
                              f"(default: {DEFAULT_RUN}, written by launch/pretrain.py --config demo_timix)")
     parser.add_argument("--shards", help="caption shards (brace pattern or '::' list); default: the demo test split")
-    parser.add_argument("--demo-cache", default="/tmp/mplug_ds-demo", help="where the demo shards are (or go)")
+    parser.add_argument("--demo-cache", default=None,
+                        help="where the demo shards are (or go); default: the run's data.cache_dir")
     parser.add_argument("--images", type=int, default=6, help="images in the batch (rows of the grid)")
     parser.add_argument("--skip", type=int, default=0, help="start after this many samples of the shards")
     parser.add_argument("--seed", type=int, default=0, help="seed for window sides and pairing")
@@ -36,7 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load_model_and_timix(checkpoint: Path):
-    """The online model (with its patch predictor) and the run's TiMix settings (defaults for an export)."""
+    """The online model (with its patch predictor), the run's TiMix settings (defaults for an export) and the
+    run's saved config (``{}`` for an export)."""
     from mplug_ds.config import from_dict
     from mplug_ds.engine.checkpoint import resolve_resume
     from mplug_ds.engine.export import consolidate, find_run_model_config, load_exported
@@ -57,13 +59,13 @@ def load_model_and_timix(checkpoint: Path):
         run_config = tag_dir.parent.parent / "config.yaml"
     if model.patch_predictor is None:
         raise ValueError(f"{checkpoint}: the model has no patch predictor (it was not trained with TiMix)")
-    timix = TimixConfig(enabled=True)
+    saved = {}
     if run_config is not None and run_config.is_file():
         import yaml
 
-        saved = (yaml.safe_load(run_config.read_text()) or {}).get("timix") or {}
-        timix = from_dict(TimixConfig, {**saved, "enabled": True}, "timix")
-    return model.eval(), timix
+        saved = yaml.safe_load(run_config.read_text()) or {}
+    timix = from_dict(TimixConfig, {**(saved.get("timix") or {}), "enabled": True}, "timix")
+    return model.eval(), timix, saved
 
 
 def load_batch(pattern: str, count: int, skip: int, image_size: int, max_len: int = 30):
@@ -171,12 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     checkpoint = Path(args.checkpoint).expanduser()
     try:
-        model, timix = load_model_and_timix(checkpoint)
+        model, timix, run_config = load_model_and_timix(checkpoint)
         pattern = args.shards
         if pattern is None:
             from mplug_ds.data.demo_shards import prepare_demo_shards
 
-            pattern = prepare_demo_shards(Path(args.demo_cache)).test
+            cache = args.demo_cache or (run_config.get("data") or {}).get("cache_dir") or "~/.cache/mplug_ds/demo"
+            pattern = prepare_demo_shards(Path(cache).expanduser()).test
         images, ids, mask, captions = load_batch(pattern, args.images, args.skip, model.cfg.vision.image_size)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"timix_viz: {err}", file=sys.stderr)
