@@ -51,6 +51,7 @@ def test_demo_timix_runs_on_two_ranks(tmp_path, zero, extra):
     steps = 4
     out = tmp_path / "run"
     run(deepspeed_command(out, ["--config", "demo_timix", f"deepspeed.config={zero}", f"schedule.total_steps={steps}",
+                                "schedule.warmup_steps=1", "schedule.alpha_warmup_steps=2",
                                 "timix.gamma_ramp_steps=2", f"data.cache_dir={tmp_path / 'cache'}",
                                 "eval.retrieval=false", "logging.progress_bar=false", *extra]), timeout=900)
     rows = step_losses(out)
