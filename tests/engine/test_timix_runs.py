@@ -37,7 +37,10 @@ def test_optimizer_steps_per_batch(world, tmp_path, order, per_batch):  # noqa: 
     # γ is 0 at step 0, so the reference order's first batch has no mixed step: 2 + 3 + 3.
     expected = steps if per_batch == 1 else 2 + 3 * (steps - 1)
     assert trainer.engine.global_steps == expected
-    assert _adam_steps(trainer) == {expected}
+    # AdamW steps a parameter only when it has a gradient: fused, every parameter gets exactly one update per batch;
+    # in the reference order the ViT's first blocks and the text encoder (in all three phases) get all of them.
+    counts = _adam_steps(trainer)
+    assert counts == {expected} if per_batch == 1 else max(counts) == expected
     assert not torch.equal(predictor.detach(), before)
     rows = step_losses(tmp_path)
     assert sorted(rows) == [1, 2, 3] and rows[1]["gamma"] == 0 and rows[2]["gamma"] == 1
