@@ -58,7 +58,7 @@ class TimixConfig:
     pta_weight: float = 1.0  # weight of the patch-text alignment loss
     region_images_per_gpu: int = 8  # region-shard images per rank and step (each brings up to max_regions phrases)
     # region shards (needed with data.source=shards; the demo brings its own)
-    regions: StreamConfig = field(default_factory=lambda: StreamConfig(num_workers=1, shuffle_buffer=200))
+    regions: StreamConfig = field(default_factory=StreamConfig)
     mix_weight: float = 1.0  # γ after its ramp
     gamma_ramp_steps: int = 1000  # γ rises linearly from 0 at step 0 to mix_weight at this step
     mix_stop_step: int | None = None  # no mixing from this optimizer step on (null: never stops)
