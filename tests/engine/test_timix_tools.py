@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from mplug_ds.config import to_dict
 from mplug_ds.models.config import load_model_config
 from mplug_ds.models.mplug import build_model
+from tests.processes import timeout
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,19 +28,22 @@ def _export(out: Path, overrides: list[str]) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_timix_viz_writes_a_png_grid_and_refuses_a_model_without_predictor(tmp_path):
     torch.manual_seed(0)
     export = _export(tmp_path / "timix", ["patch_predictor_layer=1"])
     png = tmp_path / "grid.png"
     command = [sys.executable, str(ROOT / "tools" / "timix_viz.py"), "--demo-cache", str(tmp_path / "cache"),
                "--images", "3", "--side", "2", "--out", str(png)]
-    done = subprocess.run(command[:2] + [str(export)] + command[2:], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command[:2] + [str(export)] + command[2:], capture_output=True, text=True,
+                          timeout=timeout(300))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == str(png)
     width, height = Image.open(png).size
     assert width > 1000 and height > 600  # 3 rows × 5 panels
     plain = _export(tmp_path / "plain", [])
-    refused = subprocess.run(command[:2] + [str(plain)] + command[2:], capture_output=True, text=True, timeout=300)
+    refused = subprocess.run(command[:2] + [str(plain)] + command[2:], capture_output=True, text=True,
+                             timeout=timeout(300))
     assert refused.returncode == 1 and "no patch predictor" in refused.stderr
 
 
@@ -47,7 +51,7 @@ def test_timix_viz_writes_a_png_grid_and_refuses_a_model_without_predictor(tmp_p
 def test_benchmark_timix_reports_both_steps_and_their_ratio():
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "--model", "tiny", "--steps", "2",
                           "--warmup", "1", "--batch", "8", "--timix", "--json"],
-                         check=True, capture_output=True, text=True, timeout=600).stdout.strip().splitlines()
+                         check=True, capture_output=True, text=True, timeout=timeout(600)).stdout.strip().splitlines()
     timix, plain = json.loads(out[-3]), json.loads(out[-2])
     assert timix["timix"] and not plain["timix"] and timix["step_time_s"] > 0 and plain["step_time_s"] > 0
     ratio = timix["step_time_s"] / plain["step_time_s"]
