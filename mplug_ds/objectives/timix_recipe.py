@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch.distributed as dist
 
 from mplug_ds.data.data_config import SourceConfig
-from mplug_ds.data.demo_shards import demo_shards, prepare_demo_shards
+from mplug_ds.data.demo_shards import demo_shards, prepare_demo_shards, world_dir
 from mplug_ds.data.pipeline import ShardLoader
 from mplug_ds.data.region_streams import SyntheticRegionBatches, WithRegions, region_pipeline_config
 from mplug_ds.data.streams import EndlessShardBatches
@@ -69,7 +69,7 @@ class TimixRecipe(PretrainRecipe):
             if shards is None or shards.regions is None:
                 raise RuntimeError(f"demo region shards missing in {cache} after preparation")
             sources = [SourceConfig("demo-regions", shards.regions,
-                                    manifest=str(cache / "shards" / "regions" / "manifest.json"))]
+                                    manifest=str(world_dir(cache) / "shards" / "regions" / "manifest.json"))]
         config = region_pipeline_config(t.regions, t.region_images_per_gpu, v.image_size, v.patch_size,
                                         d.max_text_len, sources)
         return EndlessShardBatches(ShardLoader(config, self.world.rank, self.world.world_size))

@@ -10,7 +10,7 @@ from mplug_ds.data.pipeline import ShardLoader
 from mplug_ds.data.reading import iter_samples
 from mplug_ds.data.region_streams import SyntheticRegionBatches, WithRegions, region_pipeline_config
 from mplug_ds.data.streams import EndlessShardBatches
-from mplug_ds.data.demo_shards import prepare_demo_shards
+from mplug_ds.data.demo_shards import prepare_demo_shards, world_dir
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,8 @@ def demo(tmp_path_factory):
 
 
 def _stream(cache, pattern, split, task, batch):
-    cfg = DataConfig(sources=[SourceConfig(split, pattern, manifest=str(cache / "shards" / split / "manifest.json"))],
+    manifest = world_dir(cache) / "shards" / split / "manifest.json"
+    cfg = DataConfig(sources=[SourceConfig(split, pattern, manifest=str(manifest))],
                      task=task, batch_size=batch, num_workers=1, image_res=64, patch_size=8, max_len=16,
                      shuffle_buffer=20, shuffle_initial=5)
     if task == "region":
@@ -33,8 +34,8 @@ def test_demo_region_shards_hold_train_images_only(demo):
     train_images = {s.image_id for s in iter_samples(shards.train)}
     region_images = [s.image_id for s in iter_samples(shards.regions)]
     assert region_images and set(region_images) <= train_images
-    assert json.loads((cache / "shards" / "regions" / "manifest.json").read_text())["total_samples"] == len(
-        region_images)
+    manifest = world_dir(cache) / "shards" / "regions" / "manifest.json"
+    assert json.loads(manifest.read_text())["total_samples"] == len(region_images)
 
 
 def test_caption_batches_carry_region_batches_and_resume_exactly(demo):
@@ -69,4 +70,5 @@ def test_synthetic_region_batches_are_a_pure_function_of_the_position():
     resumed = next(iter(again))
     assert all(torch.equal(batches[1][k], resumed[k]) for k in batches[1])
     assert not torch.equal(batches[0]["image"], batches[1]["image"])
-    assert batches[0]["patch_labels"].shape == (12, 16) and batches[0]["region_image_index"].tolist()[:5] == [0] * 4 + [1]
+    assert batches[0]["patch_labels"].shape == (12, 16)
+    assert batches[0]["region_image_index"].tolist()[:5] == [0] * 4 + [1]
