@@ -12,11 +12,9 @@ from mplug_ds.data.demo_shards import demo_shards, prepare_demo_shards, world_di
 from mplug_ds.data.pipeline import ShardLoader
 from mplug_ds.data.region_streams import SyntheticRegionBatches, WithRegions, region_pipeline_config
 from mplug_ds.data.streams import EndlessShardBatches
-from mplug_ds.engine.export import load_weights
 from mplug_ds.engine.recipe import TrainStream
 from mplug_ds.engine.train_config import TrainConfig
 from mplug_ds.engine.validate import ResolvedRun
-from mplug_ds.models.mplug import build_model
 from mplug_ds.objectives.pretrain_recipe import LOSS_KEYS, PretrainRecipe
 from mplug_ds.objectives.timix import LOG_KEYS, TimixPretrainModel
 from mplug_ds.runtime.launch_env import WorldInfo
@@ -31,11 +29,8 @@ class TimixRecipe(PretrainRecipe):
     loss_keys = LOSS_KEYS + LOG_KEYS
 
     def __init__(self, cfg: TrainConfig, resolved: ResolvedRun, world: WorldInfo) -> None:
-        self.cfg, self.resolved, self.world = cfg, resolved, world
-        model = build_model(resolved.model)  # validation gave the model config its patch_predictor_layer
-        if cfg.model.init_from:
-            load_weights(model, cfg.model.init_from)
-        self.module = TimixPretrainModel(model, resolved.objective, cfg.timix)
+        super().__init__(cfg, resolved, world)  # the model (with its patch predictor, from validation), weights loaded
+        self.module = TimixPretrainModel(self.module.model, resolved.objective, cfg.timix)
         self.teacher = self.module.teacher
         self.three_steps = cfg.timix.step_order == "reference_three_steps"
 
