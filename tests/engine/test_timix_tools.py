@@ -52,7 +52,9 @@ def test_benchmark_timix_reports_both_steps_and_their_ratio():
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "--model", "tiny", "--steps", "2",
                           "--warmup", "1", "--batch", "8", "--timix", "--json"],
                          check=True, capture_output=True, text=True, timeout=timeout(600)).stdout.strip().splitlines()
-    timix, plain = json.loads(out[-3]), json.loads(out[-2])
+    results = [json.loads(line) for line in out if line.startswith('{"model"')]
+    (ratio_line,) = [line for line in out if line.startswith("TiMix vs plain")]
+    timix, plain = results
     assert timix["timix"] and not plain["timix"] and timix["step_time_s"] > 0 and plain["step_time_s"] > 0
     ratio = timix["step_time_s"] / plain["step_time_s"]
-    assert out[-1].startswith("TiMix vs plain (tiny, same run): ") and f"{ratio:.2f}x step time" in out[-1]
+    assert ratio_line.startswith("TiMix vs plain (tiny, same run): ") and f"{ratio:.2f}x step time" in ratio_line
