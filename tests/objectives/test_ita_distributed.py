@@ -64,4 +64,5 @@ def test_two_ranks_with_batch_b_match_one_process_with_batch_2b(tmp_path):
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         assert torch.allclose(result["loss"], loss, atol=1e-6)
-        assert (result["grads"] - grads).abs().max() < 1e-6 * max(1.0, grads.abs().max().item())
+        # fp32 sums in another order (1 thread per rank here, 2 in this process): differences of a few ulps
+        assert (result["grads"] - grads).abs().max() < 5e-6 * max(1.0, grads.abs().max().item())
