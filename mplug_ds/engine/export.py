@@ -26,6 +26,7 @@ from mplug_ds.runtime import safe_load
 from mplug_ds.runtime.atomic import atomic_path, atomic_write_text
 
 MODEL_PREFIX = "model."  # PretrainModel keeps the online MPLUG as ``.model``
+STAGE0_MODEL_FILE = "mp_rank_00_model_states.pt"
 
 
 def find_run_model_config(tag_dir: Path) -> Path:
@@ -44,8 +45,11 @@ def consolidate(tag_dir: Path, model_cfg: ModelConfig, trusted: bool = False) ->
     """
     if not trusted:
         safe_load.check_checkpoint(tag_dir)
-    with safe_load.deepspeed_weights_only(trusted):
-        merged = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    if any(tag_dir.glob("*optim_states.pt")):  # ZeRO-1/2/3 (and bf16): the fp32 master weights live there
+        with safe_load.deepspeed_weights_only(trusted):
+            merged = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    else:  # stage 0 in fp32 (a 1-rank run): the module's own weights are the fp32 masters
+        merged = safe_load.load(tag_dir / STAGE0_MODEL_FILE, trusted)["module"]
     online = {k[len(MODEL_PREFIX):]: v for k, v in merged.items() if k.startswith(MODEL_PREFIX)}
     reference = build_model(model_cfg).state_dict()
     missing = sorted(set(reference) - set(online))

@@ -147,3 +147,21 @@ def test_sigterm_to_the_process_group_saves_a_checkpoint_and_exits_zero(tmp_path
     assert summary["stopped_by_signal"] is True
     assert "received SIGTERM" in output
     assert json.loads((out / "checkpoints" / tag_for(last_step) / COMPLETE).read_text())["step"] == last_step
+
+
+@pytest.mark.parametrize("zero_on_one_rank", [False, True])
+def test_one_rank_checkpoint_exports_the_trained_weights(world, tmp_path, zero_on_one_rank):
+    """A 1-rank run (ZeRO stage 0 by default, ZeRO-2 when kept) exports exactly the weights it trained."""
+    from safetensors.torch import load_file
+
+    from mplug_ds.engine.export import export_checkpoint
+
+    trainer = _trainer(world, tmp_path / "run", "schedule.total_steps=1", "schedule.warmup_steps=0",
+                       "checkpoint.every_steps=1", "eval.retrieval=false",
+                       f"deepspeed.zero_on_one_rank={str(zero_on_one_rank).lower()}")
+    assert trainer.engine.zero_optimization_stage() == (2 if zero_on_one_rank else 0)
+    trainer.train()
+    trained = {k: v.detach().clone() for k, v in trainer.recipe.module.model.state_dict().items()}
+    exported = load_file(export_checkpoint(tmp_path / "run", tmp_path / "export") / "model.safetensors")
+    assert set(exported) == set(trained)
+    assert all(torch.equal(exported[k], trained[k].float()) for k in trained)
