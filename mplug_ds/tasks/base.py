@@ -48,6 +48,9 @@ class FinetuneTask(ABC):
     def build(self, model: MPLUG) -> nn.Module:
         """The module DeepSpeed trains (wrapping ``model``); ``forward(batch, **step_args)`` → losses."""
 
+    def check_run(self, micro_batch: int, global_batch: int) -> None:
+        """Raise ``ConfigError`` if the batch geometry cannot work for this task (default: anything goes)."""
+
     def missing_fields(self, sample: Sample) -> list[str]:
         """Required fields that ``sample`` lacks (empty or unset)."""
         return [f for f in self.required_fields if not getattr(sample, f)]

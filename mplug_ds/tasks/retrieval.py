@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mplug_ds.config import ConfigError
 from mplug_ds.data.collate import tokenize
 from mplug_ds.data.data_config import DataConfig
 from mplug_ds.data.transforms import TestTransform, pre_caption
@@ -291,6 +292,15 @@ class RetrievalTask(FinetuneTask):
 
     def build(self, model: MPLUG) -> RetrievalModel:
         return RetrievalModel(model, self.cfg)
+
+    def check_run(self, micro_batch: int, global_batch: int) -> None:
+        if micro_batch < 2:
+            raise ConfigError("batch.micro_batch_per_gpu must be >= 2 for retrieval (ITM draws in-batch negatives)")
+        if self.cfg.queue_size < global_batch or self.cfg.queue_size % global_batch:
+            raise ConfigError(f"task.options.queue_size={self.cfg.queue_size} must be a multiple of the global batch "
+                              f"{global_batch} (micro batch × ranks); e.g. {global_batch * max(1, self.cfg.queue_size // global_batch)}")
+        if self.cfg.k_test < 10:
+            raise ConfigError(f"task.options.k_test={self.cfg.k_test} must be >= 10 (R@10 needs 10 candidates)")
 
     @torch.no_grad()
     def evaluate(self, module: nn.Module, samples: EvalSamples, data: DataConfig, batch_size: int,
