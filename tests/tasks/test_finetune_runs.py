@@ -1,0 +1,97 @@
+"""Real fine-tuning runs of launch/finetune.py (tiny model, tiny task shards, gloo on CPU).
+
+Exact distributed evaluation (1 rank vs 2 ranks on an odd-sized set), kill -9 then ``--resume auto`` with
+identical per-step losses, periodic evaluation with best-checkpoint selection.
+"""
+import json
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+from mplug_ds.engine.checkpoint import COMPLETE, tag_for
+from mplug_ds.runtime.launch_env import free_port
+from tests.engine.engine_runs import DEEPSPEED, REPO, records, run, start, step_losses
+from tests.tasks.task_data import shard_overrides, write_export, write_grounding_shards, write_retrieval_shards
+
+FINETUNE = REPO / "launch" / "finetune.py"
+pytestmark = pytest.mark.slow
+
+
+def finetune(out, args, ranks):
+    """``python launch/finetune.py`` (1 rank) or ``deepspeed --num_gpus N launch/finetune.py``."""
+    head = [sys.executable] if ranks == 1 else [str(DEEPSPEED), "--master_port", str(free_port()), "--num_gpus",
+                                                 str(ranks)]
+    return [*head, str(FINETUNE), *args, f"run.output_dir={out}", "logging.progress_bar=false"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("task_data")
+    return {"export": write_export(root / "export"),
+            "grounding": write_grounding_shards(root / "grounding", "g", [4, 3], ["val", "testA", "testB"]),
+            "retrieval": write_retrieval_shards(root / "retrieval", "r", [4, 3]),
+            "retrieval_train": write_retrieval_shards(root / "retrieval_train", "rt", [12, 12], seed=1)}
+
+
+def _eval(out):
+    return [r for r in records(out) if r["event"] == "eval"][-1]
+
+
+@pytest.mark.parametrize("task", ["grounding", "retrieval"])
+def test_evaluation_on_two_ranks_equals_one_rank_on_an_odd_set(data, tmp_path, task):
+    args = ["--task", task, "--evaluate", "--pretrained", str(data["export"]),
+            *shard_overrides(data[task], data[task]), "eval.batch_size=2", "task.options.k_test=10"
+            if task == "retrieval" else "task.options.loss_weighting=true"]
+    results = {}
+    for ranks in (1, 2):
+        run(finetune(tmp_path / str(ranks), args, ranks))
+        results[ranks] = json.loads((tmp_path / str(ranks) / "eval" / "evaluate.json").read_text())
+    one, two = results[1], results[2]
+    assert one["metrics"] == two["metrics"] and one["metrics"]["num_samples" if task == "grounding" else "num_images"] == 7
+    assert _eval(tmp_path / "1")["checkpoint"] == str(data["export"])
+    if task == "grounding":
+        assert [p["index"] for p in two["results"]] == list(range(7))
+        assert [p["pred_box"] for p in one["results"]] == [p["pred_box"] for p in two["results"]]
+        assert {p["split"] for p in two["results"]} == {"val", "testA", "testB"}
+        assert all(k in one["metrics"] for k in ("acc/val", "acc/testA", "acc/testB"))
+    else:
+        assert one["results"] == two["results"] and len(two["results"]["text_to_images"]) == 14
+
+
+RESUME = ["--task", "retrieval", "run.deterministic=true", "schedule.total_steps=6", "schedule.warmup_steps=1",
+          "checkpoint.every_steps=2", "checkpoint.keep_last=6", "batch.micro_batch_per_gpu=4",
+          "task.options.queue_size=16", "task.options.k_test=10", "eval.every_steps=3", "eval.batch_size=4",
+          "optim.lr=1e-3", "optim.visual_lr=1e-3", "deepspeed.precision=fp32"]
+
+
+def test_kill9_then_resume_gives_identical_losses_and_best_checkpoint(data, tmp_path):
+    args = RESUME + ["--pretrained", str(data["export"]),
+                     *shard_overrides(data["retrieval_train"], data["retrieval"])]
+    reference = tmp_path / "reference"
+    run(finetune(reference, args, 2))
+    proc = start(finetune(tmp_path / "killed", args, 2))
+    marker = tmp_path / "killed" / "checkpoints" / tag_for(2) / COMPLETE
+    deadline = time.time() + 300
+    while not marker.exists():
+        assert proc.poll() is None, f"run ended before step 2:\n{proc.stdout.read()[-4000:]}"
+        assert time.time() < deadline, "no checkpoint at step 2 within 300 s"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    run(finetune(tmp_path / "killed", args + ["--resume", "auto"], 2))
+    resume = [r for r in records(tmp_path / "killed") if r["event"] == "resume"][-1]
+    assert 2 <= resume["step"] < 6
+    resumed, expected = step_losses(tmp_path / "killed", after_resume=True), step_losses(reference)
+    assert sorted(resumed) == list(range(resume["step"] + 1, 7))
+    for step, rec in resumed.items():
+        for key in ("loss", "loss_ita", "loss_itm", "lr"):
+            assert rec[key] == expected[step][key], f"step {step} {key}: {rec[key]} != {expected[step][key]}"
+    evals = [r for r in records(reference) if r["event"] == "eval"]
+    assert [r["step"] for r in evals] == [3, 6] and all("r_mean" in r and "baseline/r_mean" in r for r in evals)
+    best = json.loads((reference / "checkpoints" / "best.json").read_text())
+    assert best["metric"] == "r_mean" and best["value"] == max(r["r_mean"] for r in evals)
+    assert (reference / "checkpoints" / best["tag"] / COMPLETE).exists()
+    assert (reference / "eval" / f"step_{6:08d}.json").exists()
