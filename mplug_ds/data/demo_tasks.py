@@ -16,7 +16,7 @@ from pathlib import Path
 from mplug_ds.data.demo import generate_demo
 from mplug_ds.data.formats import ReaderArgs, read_format
 from mplug_ds.data.shards import ShardOptions, write_shards
-from mplug_ds.engine.demo_data import DEMO_IMAGE_SIZE, DEMO_IMAGES, DEMO_SEED, prepare_demo_shards
+from mplug_ds.data.demo_shards import DEMO_IMAGE_SIZE, DEMO_IMAGES, DEMO_SEED, prepare_demo_shards
 
 GROUNDING_SPLITS = {"train": ["train"], "eval": ["val", "testA", "testB"]}
 

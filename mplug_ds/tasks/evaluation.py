@@ -10,7 +10,7 @@ from torch import nn
 from mplug_ds.data.data_config import DataConfig
 from mplug_ds.data.reading import DataErrors
 from mplug_ds.distributed import get_rank
-from mplug_ds.engine.checkpoint import atomic_write_text
+from mplug_ds.runtime.atomic import atomic_write_text
 from mplug_ds.eval.distributed import read_eval_samples
 from mplug_ds.tasks.base import EvalResult, FinetuneTask
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from mplug_ds.config import load_config
-from mplug_ds.data.data_config import StreamConfig
+from mplug_ds.data.data_config import DataConfig
 from mplug_ds.engine.train_config import EngineConfig, ModelSection
 
 
@@ -30,7 +30,7 @@ class TaskDataSection:
 
     source: Literal["demo", "shards"] = "demo"  # demo: generated into cache_dir on first use
     max_text_len: int = 30  # text tokens including [CLS] and [SEP]
-    pipeline: StreamConfig = field(default_factory=StreamConfig)
+    pipeline: DataConfig = field(default_factory=DataConfig)  # sources, workers, shuffling, augmentation
     eval_shards: str | None = None  # evaluation shards (source=shards); every sample evaluated once
     cache_dir: str = "~/.cache/mplug_ds/demo"  # demo data and the demo pre-training checkpoint
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from mplug_ds.config import to_dict
-from mplug_ds.data.data_config import DataConfig, SourceConfig, StreamConfig
+from mplug_ds.data.data_config import DataConfig, SourceConfig
 from mplug_ds.data.demo_tasks import prepare_demo_task_shards
 from mplug_ds.data.pipeline import ShardLoader
 from mplug_ds.data.streams import EndlessShardBatches
@@ -43,11 +43,9 @@ class ResolvedTask(ResolvedEngine):
 def task_data_config(cfg: FinetuneConfig, model: ModelConfig, task: FinetuneTask, train: bool,
                      sources: list[SourceConfig]) -> DataConfig:
     """The task's stream config: ``data.pipeline`` plus the task's preparation at this model's geometry."""
-    stream = {f.name: getattr(cfg.data.pipeline, f.name) for f in dataclasses.fields(StreamConfig)}
-    stream["sources"] = sources
-    return DataConfig(**stream, task=task.sample_task, train=train, batch_size=cfg.batch.micro_batch_per_gpu,
-                      image_res=model.vision.image_size, patch_size=model.vision.patch_size,
-                      max_len=cfg.data.max_text_len)
+    return dataclasses.replace(cfg.data.pipeline, sources=sources, task=task.sample_task, train=train,
+                               batch_size=cfg.batch.micro_batch_per_gpu, image_res=model.vision.image_size,
+                               patch_size=model.vision.patch_size, max_len=cfg.data.max_text_len)
 
 
 def resolve_task_shards(cfg: FinetuneConfig, task: FinetuneTask) -> tuple[list[SourceConfig], str | None]:
