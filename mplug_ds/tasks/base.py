@@ -61,6 +61,8 @@ class FinetuneTask(ABC):
         """Evaluate this rank's ``samples`` (a collective: every rank calls it)."""
 
     def format_metric(self, metrics: Mapping[str, float], baseline: Mapping[str, float]) -> str:
-        """One line: the primary metric beside its baseline."""
-        best = max(baseline.values()) if baseline else float("nan")
-        return f"{self.metric} {metrics.get(self.metric, float('nan')):.4g} (baseline {best:.4g})"
+        """One line: the primary metric beside its baseline (the best trivial predictor, or chance)."""
+        value = metrics.get(self.metric, float("nan"))
+        best = baseline.get(self.metric, max(baseline.values(), default=float("nan")))
+        ratio = f", {value / best:.1f}× the baseline" if best > 0 else ""
+        return f"{self.metric}: {value:.4f} (baseline {best:.4f}{ratio})"

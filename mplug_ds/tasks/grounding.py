@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -135,6 +135,12 @@ class GroundingTask(FinetuneTask):
 
     def build(self, model: MPLUG) -> GroundingModel:
         return GroundingModel(model, self.cfg)
+
+    def format_metric(self, metrics: Mapping[str, float], baseline: Mapping[str, float]) -> str:
+        acc = metrics.get("acc", float("nan"))
+        name, best = max(baseline.items(), key=lambda kv: kv[1], default=("none", float("nan")))
+        ratio = f" = {acc / best:.1f}×" if best > 0 else ""
+        return f"acc (Acc@IoU≥0.5): {acc:.4f} vs best trivial box ({name}) {best:.4f}{ratio}"
 
     @torch.no_grad()
     def evaluate(self, module: nn.Module, samples: EvalSamples, data: DataConfig, batch_size: int,

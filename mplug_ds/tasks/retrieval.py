@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -292,6 +292,14 @@ class RetrievalTask(FinetuneTask):
 
     def build(self, model: MPLUG) -> RetrievalModel:
         return RetrievalModel(model, self.cfg)
+
+    def format_metric(self, metrics: Mapping[str, float], baseline: Mapping[str, float]) -> str:
+        parts = []
+        for key, label in (("tr_r1", "TR R@1"), ("ir_r1", "IR R@1"), ("r_mean", "mean recall")):
+            value, chance = metrics.get(key, float("nan")), baseline.get(key, float("nan"))
+            ratio = f" = {value / chance:.1f}×" if chance > 0 else ""
+            parts.append(f"{label} {value:.2f} vs chance {chance:.2f}{ratio}")
+        return "; ".join(parts)
 
     def check_run(self, micro_batch: int, global_batch: int) -> None:
         if micro_batch < 2:

@@ -95,3 +95,18 @@ def test_kill9_then_resume_gives_identical_losses_and_best_checkpoint(data, tmp_
     assert best["metric"] == "r_mean" and best["value"] == max(r["r_mean"] for r in evals)
     assert (reference / "checkpoints" / best["tag"] / COMPLETE).exists()
     assert (reference / "eval" / f"step_{6:08d}.json").exists()
+
+
+def test_task_only_makes_the_demo_checkpoint_then_fine_tunes_and_reports(tmp_path):
+    """`launch/finetune.py --task grounding` with a cut-down demo: the pre-training checkpoint is made first."""
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    demo_pretrain = "[schedule.total_steps=2, schedule.warmup_steps=1, checkpoint.every_steps=2, eval.retrieval=false]"
+    output = run(finetune(out, ["--task", "grounding", f"data.cache_dir={cache}", f"task.demo_pretrain={demo_pretrain}",
+                                "schedule.total_steps=2", "schedule.warmup_steps=1", "eval.max_samples=12",
+                                "batch.micro_batch_per_gpu=4"], 2), timeout=900)
+    assert (cache / "pretrained" / "model.safetensors").exists()
+    assert "resized: 1: visual.vit.pos_embed [1, 17, 64] → [1, 65, 64]" in output
+    report = output[output.index("=== grounding evaluation ==="):]
+    assert "acc (Acc@IoU≥0.5)" in report and "best trivial box" in report
+    results = json.loads(next((out / "eval").glob("step_*.json")).read_text())
+    assert len(results["results"]) == 12 and all(len(p["pred_box"]) == 4 for p in results["results"])
