@@ -185,8 +185,10 @@ def train(cfg: FinetuneConfig, resolved: ResolvedTask, world: WorldInfo) -> int:
     summary = Trainer(cfg, resolved, world, make_recipe).train()
     recipe = holder[0]
     if world.rank == 0:
-        print(format_result(cfg, resolved, recipe.last_eval.metrics if recipe.last_eval else {},
-                            recipe.last_eval.baseline if recipe.last_eval else {}), flush=True)
+        if recipe.last_eval is not None and recipe.last_eval.metrics:
+            print(format_result(cfg, resolved, recipe.last_eval.metrics, recipe.last_eval.baseline), flush=True)
+        else:
+            print(f"\nno evaluation (stopped at step {summary.steps}; continue with --resume auto)", flush=True)
         print(f"checkpoint: {summary.checkpoint}\nmetrics: {cfg.output_dir}/metrics.jsonl", flush=True)
     return 0
 

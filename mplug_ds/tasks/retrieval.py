@@ -21,7 +21,7 @@ from mplug_ds.data.collate import tokenize
 from mplug_ds.data.data_config import DataConfig
 from mplug_ds.data.transforms import TestTransform, pre_caption
 from mplug_ds.distributed import all_gather, get_rank, get_world_size
-from mplug_ds.eval.distributed import all_gather_objects, gather_to_rank0, lockstep_batches
+from mplug_ds.eval.distributed import all_gather_objects, gather_to_rank0, lockstep_batches, max_over_ranks
 from mplug_ds.eval.retrieval import chance_recalls, retrieval_recalls
 from mplug_ds.models.momentum import MomentumTeacher
 from mplug_ds.models.mplug import MPLUG
@@ -208,7 +208,9 @@ def evaluate_retrieval(model: MPLUG, data: RetrievalEvalData, batch_size: int, k
         raise ValueError(f"rank {get_rank()} got no evaluation image: the evaluation set needs at least as many "
                          f"images as ranks ({get_world_size()})")
     images = torch.stack(data.images)
-    local_ids, local_mask = torch.cat(data.text_ids), torch.cat(data.text_mask)
+    length = max_over_ranks(max(t.shape[1] for t in data.text_ids), device)  # one text length on every rank
+    local_ids = torch.cat([F.pad(t, (0, length - t.shape[1])) for t in data.text_ids])  # pad id and mask are 0
+    local_mask = torch.cat([F.pad(t, (0, length - t.shape[1])) for t in data.text_mask])
     local_tokens = _encode(lambda p: model.encode_image(images[p].to(device)), len(images), batch_size, device)
     local_image_feat = F.normalize(model.vision_proj(local_tokens[:, 0].to(device)).float(), dim=-1).cpu()
     local_text_feat = _encode(lambda p: model.text_feature(model.encode_text(local_ids[p].to(device),
