@@ -8,14 +8,12 @@ import os
 import subprocess
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from mplug_ds.config import ConfigError
-from mplug_ds.distributed import get_rank, get_world_size, is_distributed
 from mplug_ds.engine.validate import validate_engine
 from mplug_ds.models.config import load_model_config
 from mplug_ds.runtime.launch_env import WorldInfo, prepare_world_env
@@ -26,8 +24,6 @@ from mplug_ds.tasks.pretrained import EXPORT_FILE, check_pretrained
 from mplug_ds.tasks.recipe import ResolvedTask, TaskRecipe, resolve_task_shards
 
 EXIT_CONFIG_ERROR = 2
-EXIT_FAILED = 1
-log = logging.getLogger("mplug_ds.train")
 
 
 def build_parser() -> argparse.ArgumentParser:

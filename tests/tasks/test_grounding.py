@@ -1,10 +1,10 @@
 """Grounding: box maths, coordinate tokens, per-sample loss weighting, boxes mapped back to original pixels."""
-import random
 
 import pytest
 import torch
 from PIL import Image
 
+from mplug_ds.data.tokenizer import get_tokenizer
 from mplug_ds.data.transforms import box_from_letterbox, grounding_transform
 from mplug_ds.eval.boxes import box_iou, cxcywh_to_xyxy, generalized_box_iou, xyxy_to_cxcywh
 from mplug_ds.eval.grounding import grounding_accuracy, trivial_box_baselines
@@ -22,7 +22,6 @@ from mplug_ds.tasks.grounding import (
     dequantize,
     quantize,
 )
-from mplug_ds.data.tokenizer import get_tokenizer
 
 
 def test_iou_and_giou_of_known_boxes():
