@@ -69,7 +69,7 @@ def test_evaluation_on_two_ranks_equals_one_rank_on_an_odd_set(data, tmp_path, t
 RESUME = ["--task", "retrieval", "run.deterministic=true", "schedule.total_steps=6", "schedule.warmup_steps=1",
           "checkpoint.every_steps=2", "checkpoint.keep_last=6", "batch.micro_batch_per_gpu=4",
           "task.options.queue_size=16", "task.options.k_test=10", "eval.every_steps=3", "eval.batch_size=4",
-          "optim.lr=1e-3", "optim.visual_lr=1e-3", "deepspeed.precision=fp32"]
+          "optim.lr=1e-3", "optim.visual_lr=1e-3", "deepspeed.precision=fp32", "deepspeed.config=zero3"]
 
 
 def test_kill9_then_resume_gives_identical_losses_and_best_checkpoint(data, tmp_path):
