@@ -47,7 +47,7 @@ def test_evaluation_on_two_ranks_equals_one_rank_on_an_odd_set(data, tmp_path, t
             if task == "retrieval" else "task.options.loss_weighting=true"]
     results = {}
     for ranks in (1, 2):
-        run(finetune(tmp_path / str(ranks), args, ranks))
+        run(finetune(tmp_path / str(ranks), args, ranks), timeout=900)
         results[ranks] = json.loads((tmp_path / str(ranks) / "eval" / "evaluate.json").read_text())
     one, two = results[1], results[2]
     assert one["metrics"] == two["metrics"] and one["metrics"]["num_samples" if task == "grounding" else "num_images"] == 7
@@ -76,17 +76,17 @@ def test_kill9_then_resume_gives_identical_losses_and_best_checkpoint(data, tmp_
     args = RESUME + ["--pretrained", str(data["export"]),
                      *shard_overrides(data["retrieval_train"], data["retrieval"])]
     reference = tmp_path / "reference"
-    run(finetune(reference, args, 2))
+    run(finetune(reference, args, 2), timeout=900)
     proc = start(finetune(tmp_path / "killed", args, 2))
     marker = tmp_path / "killed" / "checkpoints" / tag_for(2) / COMPLETE
-    deadline = time.time() + 300
+    deadline = time.time() + 900
     while not marker.exists():
         assert proc.poll() is None, f"run ended before step 2:\n{proc.stdout.read()[-4000:]}"
-        assert time.time() < deadline, "no checkpoint at step 2 within 300 s"
+        assert time.time() < deadline, "no checkpoint at step 2 within 900 s"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
-    run(finetune(tmp_path / "killed", args + ["--resume", "auto"], 2))
+    run(finetune(tmp_path / "killed", args + ["--resume", "auto"], 2), timeout=900)
     resume = [r for r in records(tmp_path / "killed") if r["event"] == "resume"][-1]
     assert 2 <= resume["step"] < 6
     resumed, expected = step_losses(tmp_path / "killed", after_resume=True), step_losses(reference)
