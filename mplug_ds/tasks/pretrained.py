@@ -21,6 +21,7 @@ from mplug_ds.engine.checkpoint import resolve_resume
 from mplug_ds.models.config import ModelConfig
 from mplug_ds.models.mplug import MPLUG, build_model
 from mplug_ds.models.vision import resize_pos_embed
+from mplug_ds.runtime import safe_load
 
 POS_EMBED = "visual.vit.pos_embed"
 WRAPPER_PREFIX = "model."  # PretrainModel / task modules keep the MPLUG as ``.model``
@@ -84,7 +85,9 @@ def read_state(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(_fix(path))
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    merged = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
+    safe_load.check_checkpoint(tag)  # never unpickle code from a checkpoint
+    with safe_load.deepspeed_weights_only():
+        merged = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
     return {k[len(WRAPPER_PREFIX):]: v for k, v in merged.items() if k.startswith(WRAPPER_PREFIX)}
 
 
