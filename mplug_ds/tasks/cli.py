@@ -13,9 +13,10 @@ from typing import Sequence
 
 import torch
 
-from mplug_ds.config import ConfigError
+from mplug_ds.config import ConfigError, config_keys, format_config_keys
 from mplug_ds.engine.validate import validate_engine
-from mplug_ds.models.config import load_model_config
+from mplug_ds.models.config import ModelConfig, load_model_config
+from mplug_ds.runtime.failure import exit_hard_on_failure
 from mplug_ds.runtime.launch_env import WorldInfo, prepare_world_env
 from mplug_ds.tasks import TASKS, build_task
 from mplug_ds.tasks.checks import check_task_shards
@@ -30,8 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Fine-tune mPLUG on a task with DeepSpeed. With only --task: the CPU demo (tiny model from the "
                     "demo pre-training checkpoint, made first if missing, on the demo task data).",
-        epilog="Any other argument is a key=value override of the YAML, e.g. batch.micro_batch_per_gpu=32 "
-               "eval.every_steps=500 deepspeed.config=zero3")
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=config_help())
     parser.add_argument("--task", required=True, help=f"the task: {', '.join(sorted(TASKS))}")
     parser.add_argument("--config", help="task config: a name under mplug_ds/configs/tasks (e.g. grounding_large) "
                         "or a YAML path (default: <task>_demo)")
@@ -47,6 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the YAML config")
     return parser
+
+
+def config_help() -> str:
+    """Every configuration key with its type, built-in default and meaning, generated from the config tree."""
+    keys = config_keys(FinetuneConfig) + config_keys(ModelConfig, "model.overrides.", defaults=False)
+    return ("Any other argument is a key=value override of the YAML, e.g. batch.micro_batch_per_gpu=32 "
+            "eval.every_steps=500 deepspeed.config=zero3.\n"
+            "Configuration keys (the --config YAML sets many of them; task.options.* are the task's own: "
+            "grounding: loss_weighting; retrieval: queue_size, momentum, alpha, itm_weight, k_test):\n"
+            + format_config_keys(keys))
 
 
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
@@ -165,7 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     if args.evaluate:
-        return evaluate_only(cfg, resolved, world)
+        with exit_hard_on_failure(world.rank):
+            return evaluate_only(cfg, resolved, world)
     return train(cfg, resolved, world)
 
 
@@ -178,7 +189,8 @@ def train(cfg: FinetuneConfig, resolved: ResolvedTask, world: WorldInfo) -> int:
         holder.append(TaskRecipe(cfg, resolved, w))
         return holder[0]
 
-    summary = Trainer(cfg, resolved, world, make_recipe).train()
+    with exit_hard_on_failure(world.rank):
+        summary = Trainer(cfg, resolved, world, make_recipe).train()
     recipe = holder[0]
     if world.rank == 0:
         if recipe.last_eval is not None and recipe.last_eval.metrics:
