@@ -1,6 +1,6 @@
 """The demo's fine-tuning data: task shards cut from the procedural demo world, prepared once into a cache.
 
-``<cache_dir>/shards/`` already holds the demo's caption shards (``train``, ``test``: COCO-Karpathy format), which
+``<cache_dir>/world-<fingerprint>/shards/`` already holds the demo's caption shards (``train``, ``test``: COCO-Karpathy format), which
 are also the retrieval task's train and evaluation sets (one sample per image with all its captions and image
 id). Grounding gets ``refcoco/train`` and ``refcoco/eval`` (val, testA and testB expressions, each labelled with
 its split), read by the refer-toolkit reader from the same world. Preparation happens in a temporary directory
@@ -16,7 +16,7 @@ from pathlib import Path
 from mplug_ds.data.demo import generate_demo
 from mplug_ds.data.formats import ReaderArgs, read_format
 from mplug_ds.data.shards import ShardOptions, write_shards
-from mplug_ds.data.demo_shards import DEMO_IMAGE_SIZE, DEMO_IMAGES, DEMO_SEED, prepare_demo_shards
+from mplug_ds.data.demo_shards import DEMO_IMAGE_SIZE, DEMO_IMAGES, DEMO_SEED, prepare_demo_shards, world_dir
 
 GROUNDING_SPLITS = {"train": ["train"], "eval": ["val", "testA", "testB"]}
 
@@ -38,13 +38,11 @@ def prepare_demo_task_shards(cache_dir: Path, task: str) -> TaskShards:
     """Shards of ``task`` (``grounding`` | ``retrieval``) from the demo world, written on first use."""
     cache_dir = Path(cache_dir).expanduser()
     if task == "retrieval":
-        prepare_demo_shards(cache_dir)
-        root = cache_dir / "shards"
-        return TaskShards(_split_shards(root / "train"), str(root / "train" / "manifest.json"),
-                          _split_shards(root / "test"))
+        shards = prepare_demo_shards(cache_dir)
+        return TaskShards(shards.train, str(world_dir(cache_dir) / "shards" / "train" / "manifest.json"), shards.test)
     if task != "grounding":
         raise ValueError(f"the demo has no data for task '{task}' (grounding, retrieval)")
-    root = cache_dir / "shards" / "refcoco"
+    root = world_dir(cache_dir) / "shards" / "refcoco"
     if not all((root / split / "manifest.json").is_file() for split in GROUNDING_SPLITS):
         root.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(dir=root.parent, prefix=".preparing-refcoco-"))

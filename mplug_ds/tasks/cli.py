@@ -117,11 +117,13 @@ def ensure_demo_pretrained(cfg: FinetuneConfig) -> Path:
     running the demo pre-training (``launch/pretrain.py``) in one process and exporting its last checkpoint."""
     from mplug_ds.engine.export import export_checkpoint
 
+    from mplug_ds.data.demo_shards import world_dir
+
     cache = Path(cfg.data.cache_dir).expanduser()
-    export = cache / "pretrained"
+    export = world_dir(cache) / "pretrained"  # a checkpoint of this demo world
     if (export / EXPORT_FILE).is_file():
         return export
-    run_dir = cache / "pretrain_run"
+    run_dir = world_dir(cache) / "pretrain_run"
     print(f"no demo pre-training checkpoint in {export}: running the demo pre-training first ({run_dir})", flush=True)
     code = "import sys; from mplug_ds.engine.cli import main; sys.exit(main())"
     command = [sys.executable, "-c", code, "--config", "demo", "--output-dir", str(run_dir), "--resume", "auto",

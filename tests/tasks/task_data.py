@@ -80,8 +80,10 @@ def write_export(directory: Path, model_name: str = "tiny", overrides: tuple[str
 
 
 def shard_overrides(train: str, eval_shards: str) -> list[str]:
-    """``key=value`` overrides pointing a task run at shards with a manifest."""
+    """``key=value`` overrides pointing a task run at shards with a manifest (and at the ``tiny`` model, which
+    ``write_export`` writes by default)."""
     manifest = str(Path(train.split("{")[0]).parent / "manifest.json")
     source = json.dumps([{"name": "train", "shards": train, "manifest": manifest}])
     return ["data.source=shards", f"data.pipeline.sources={source}", f"data.eval_shards={eval_shards}",
-            "data.pipeline.num_workers=1", "data.pipeline.shuffle_buffer=8", "data.pipeline.shuffle_initial=4"]
+            "data.pipeline.num_workers=1", "data.pipeline.shuffle_buffer=8", "data.pipeline.shuffle_initial=4",
+            "model.name=tiny"]
