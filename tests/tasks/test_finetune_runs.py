@@ -4,17 +4,15 @@ Exact distributed evaluation (1 rank vs 2 ranks on an odd-sized set), kill -9 th
 identical per-step losses, periodic evaluation with best-checkpoint selection.
 """
 import json
-import os
-import signal
 import sys
-import time
 
 import pytest
 
 from mplug_ds.data.demo_shards import world_dir
 from mplug_ds.engine.checkpoint import COMPLETE, tag_for
 from mplug_ds.runtime.launch_env import free_port
-from tests.engine.engine_runs import DEEPSPEED, REPO, records, run, start, step_losses
+from tests.engine.engine_runs import DEEPSPEED, REPO, records, run, step_losses
+from tests.processes import started, wait_for
 from tests.tasks.task_data import shard_overrides, write_export, write_grounding_shards, write_retrieval_shards
 
 FINETUNE = REPO / "launch" / "finetune.py"
@@ -48,7 +46,7 @@ def test_evaluation_on_two_ranks_equals_one_rank_on_an_odd_set(data, tmp_path, t
             if task == "retrieval" else "task.options.loss_weighting=true"]
     results = {}
     for ranks in (1, 2):
-        run(finetune(tmp_path / str(ranks), args, ranks), timeout=900)
+        run(finetune(tmp_path / str(ranks), args, ranks), seconds=900)
         results[ranks] = json.loads((tmp_path / str(ranks) / "eval" / "evaluate.json").read_text())
     one, two = results[1], results[2]
     assert one["metrics"] == two["metrics"] and one["metrics"]["num_samples" if task == "grounding" else "num_images"] == 7
@@ -77,17 +75,11 @@ def test_kill9_then_resume_gives_identical_losses_and_best_checkpoint(data, tmp_
     args = RESUME + ["--pretrained", str(data["export"]),
                      *shard_overrides(data["retrieval_train"], data["retrieval"])]
     reference = tmp_path / "reference"
-    run(finetune(reference, args, 2), timeout=900)
-    proc = start(finetune(tmp_path / "killed", args, 2))
+    run(finetune(reference, args, 2), seconds=900)
     marker = tmp_path / "killed" / "checkpoints" / tag_for(2) / COMPLETE
-    deadline = time.time() + 900
-    while not marker.exists():
-        assert proc.poll() is None, f"run ended before step 2:\n{proc.stdout.read()[-4000:]}"
-        assert time.time() < deadline, "no checkpoint at step 2 within 900 s"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    run(finetune(tmp_path / "killed", args + ["--resume", "auto"], 2), timeout=900)
+    with started(finetune(tmp_path / "killed", args, 2)) as proc:  # leaving the block SIGKILLs the whole group
+        wait_for(marker.exists, 900, proc, "a complete checkpoint at step 2")
+    run(finetune(tmp_path / "killed", args + ["--resume", "auto"], 2), seconds=900)
     resume = [r for r in records(tmp_path / "killed") if r["event"] == "resume"][-1]
     assert 2 <= resume["step"] < 6
     resumed, expected = step_losses(tmp_path / "killed", after_resume=True), step_losses(reference)
@@ -109,7 +101,7 @@ def test_task_only_makes_the_demo_checkpoint_then_fine_tunes_and_reports(tmp_pat
     demo_pretrain = "[schedule.total_steps=2, schedule.warmup_steps=1, checkpoint.every_steps=2, eval.retrieval=false]"
     output = run(finetune(out, ["--task", "grounding", f"data.cache_dir={cache}", f"task.demo_pretrain={demo_pretrain}",
                                 "schedule.total_steps=2", "schedule.warmup_steps=1", "eval.max_samples=12",
-                                "batch.micro_batch_per_gpu=4"], 2), timeout=900)
+                                "batch.micro_batch_per_gpu=4"], 2), seconds=900)
     assert (world_dir(cache) / "pretrained" / "model.safetensors").exists()
     assert "loaded" in output and str(world_dir(cache) / "pretrained") in output  # the load report
     report = output[output.index("=== grounding evaluation ==="):]
