@@ -126,8 +126,9 @@ def ensure_demo_pretrained(cfg: FinetuneConfig) -> Path:
     run_dir = world_dir(cache) / "pretrain_run"
     print(f"no demo pre-training checkpoint in {export}: running the demo pre-training first ({run_dir})", flush=True)
     code = "import sys; from mplug_ds.engine.cli import main; sys.exit(main())"
+    # One process with ZeRO kept: DeepSpeed's zero_to_fp32 (the export) cannot read a stage-0 checkpoint.
     command = [sys.executable, "-c", code, "--config", "demo", "--output-dir", str(run_dir), "--resume", "auto",
-               f"data.cache_dir={cache}", *cfg.task.demo_pretrain]
+               f"data.cache_dir={cache}", "deepspeed.zero_on_one_rank=true", *cfg.task.demo_pretrain]
     if subprocess.run(command, env=_child_env()).returncode != 0:
         raise RuntimeError(f"the demo pre-training failed (its output is above; run directory {run_dir})")
     export_checkpoint(run_dir, export)
