@@ -1,6 +1,7 @@
 """Per-sample preparation (augment, pick and split text) and batch collation (tokenize, stack) for every task."""
 from __future__ import annotations
 
+import hashlib
 import random
 from typing import Any
 
@@ -22,6 +23,11 @@ from mplug_ds.data.transforms import (
     region_transform,
     swap_left_right,
 )
+
+
+def image_index(image_id: str) -> int:
+    """A stable non-negative 63-bit integer for an image id (retrieval positives: equal ids, equal integers)."""
+    return int.from_bytes(hashlib.blake2b(image_id.encode("utf-8"), digest_size=8).digest(), "little") >> 1
 
 
 def split_prefix(words: list[str], rng: random.Random) -> tuple[str, str]:
@@ -91,9 +97,20 @@ class Preparer:
     def _grounding(self, sample: Sample, rng: random.Random) -> dict[str, Any]:
         if not sample.texts or not sample.boxes:
             raise ValueError("grounding sample needs texts[0] (expression) and boxes[0]")
-        image, box, text = grounding_transform(_image(sample), sample.boxes[0], sample.texts[0],
+        original = _image(sample)
+        image, box, text = grounding_transform(original, sample.boxes[0], sample.texts[0],
                                                self.cfg.image_res, self.cfg.train, rng)
-        return {"key": sample.key, "image": image, "box": box, "text": pre_caption(text, self.cfg.max_words)}
+        return {"key": sample.key, "image": image, "box": box, "text": pre_caption(text, self.cfg.max_words),
+                "gt_box": list(sample.boxes[0]), "image_size": (original.width, original.height),
+                "split": sample.split}
+
+    def _retrieval(self, sample: Sample, rng: random.Random) -> dict[str, Any]:
+        texts = [c for c in (pre_caption(t, self.cfg.max_words) for t in sample.texts) if c]
+        if not texts:
+            raise ValueError("no non-empty caption in texts")
+        group = sample.image_id or sample.key
+        return {"key": sample.key, "image": self.transform(_image(sample), rng), "text": rng.choice(texts),
+                "texts": texts, "image_idx": image_index(group)}
 
     def _nlvr2(self, sample: Sample, rng: random.Random) -> dict[str, Any]:
         if len(sample.images) != 2 or not sample.texts or sample.label is None:
@@ -157,10 +174,21 @@ def collate_vqa(items: list[dict[str, Any]], max_len: int = 30, answer_max_len: 
 
 
 def collate_grounding(items: list[dict[str, Any]], max_len: int = 30) -> dict[str, Any]:
-    """Grounding batch: padded image, text ids/mask, box (B,4) normalised (cx, cy, w, h)."""
+    """Grounding batch: padded image, text ids/mask, box (B,4) normalised (cx, cy, w, h) of the padded image;
+    for evaluation also gt_box (B,4) xyxy and image_size (B,2) (width, height) in original pixels, and splits."""
     ids, mask = tokenize([it["text"] for it in items], max_len)
     return {"keys": [it["key"] for it in items], "image": torch.stack([it["image"] for it in items]),
-            "text_ids": ids, "text_mask": mask, "box": torch.stack([it["box"] for it in items])}
+            "text_ids": ids, "text_mask": mask, "box": torch.stack([it["box"] for it in items]),
+            "gt_box": torch.tensor([it["gt_box"] for it in items], dtype=torch.float32),
+            "image_size": torch.tensor([it["image_size"] for it in items], dtype=torch.long),
+            "split": [it["split"] for it in items]}
+
+
+def collate_retrieval(items: list[dict[str, Any]], max_len: int = 30) -> dict[str, Any]:
+    """Retrieval training batch: image, one caption's ids/mask, image_idx (B,) (equal for texts of one image)."""
+    ids, mask = tokenize([it["text"] for it in items], max_len)
+    return {"keys": [it["key"] for it in items], "image": torch.stack([it["image"] for it in items]),
+            "text_ids": ids, "text_mask": mask, "image_idx": torch.tensor([it["image_idx"] for it in items])}
 
 
 def collate_nlvr2(items: list[dict[str, Any]], max_len: int = 30) -> dict[str, Any]:
@@ -183,5 +211,5 @@ def collate(items: list[dict[str, Any]], cfg: DataConfig) -> dict[str, Any]:
     if cfg.task == "vqa":
         return collate_vqa(items, cfg.max_len, cfg.answer_max_len)
     collate_fn = {"caption": collate_caption, "region": collate_region, "grounding": collate_grounding,
-                  "nlvr2": collate_nlvr2, "ve": collate_ve}[cfg.task]
+                  "retrieval": collate_retrieval, "nlvr2": collate_nlvr2, "ve": collate_ve}[cfg.task]
     return collate_fn(items, cfg.max_len)

@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Task = Literal["caption", "region", "vqa", "grounding", "nlvr2", "ve"]
+Task = Literal["caption", "region", "vqa", "grounding", "nlvr2", "ve", "retrieval"]  # retrieval: preparation only
 
 
 @dataclass

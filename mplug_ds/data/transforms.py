@@ -199,12 +199,17 @@ def box_area(box: Sequence[float]) -> float:
     return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
 
 
+def letterbox_size(width: int, height: int, long_side: int) -> tuple[int, int]:
+    """Size of a width×height image resized (aspect kept) so that its long side is ``long_side``."""
+    return (max(1, round(width * long_side / max(width, height))),
+            max(1, round(height * long_side / max(width, height))))
+
+
 def resize_and_pad(img: Image.Image, box: Box, res: int, long_side: int,
                    rng: random.Random | None = None) -> tuple[Image.Image, Box]:
     """Resize so the long side is ``long_side`` (bicubic), then pad to res×res with the CLIP mean colour,
     at a random offset when ``rng`` is given, else centred. The box moves with the image."""
-    w = max(1, round(img.width * long_side / max(img.width, img.height)))
-    h = max(1, round(img.height * long_side / max(img.width, img.height)))
+    w, h = letterbox_size(img.width, img.height, long_side)
     (box,) = scale_boxes([box], w / img.width, h / img.height)
     img = img.resize((w, h), Image.BICUBIC)
     dx, dy = (rng.randint(0, res - w), rng.randint(0, res - h)) if rng else ((res - w) // 2, (res - h) // 2)
@@ -234,6 +239,17 @@ def grounding_transform(img: Image.Image, box: Box, text: str, res: int, train: 
     x0, y0, x1, y1 = (min(max(v / res, 0.0), 1.0) for v in box)
     norm_box = torch.tensor([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dtype=torch.float32)
     return to_normalized_tensor(img), norm_box, text
+
+
+def box_from_letterbox(box: Sequence[float], width: int, height: int, res: int) -> Box:
+    """Undo the test-time ``resize_and_pad`` (long side = res, centred): an xyxy box in res×res pixels → the
+    same box in the pixels of the original width×height image, clipped to it."""
+    w, h = letterbox_size(width, height, res)
+    dx, dy = (res - w) // 2, (res - h) // 2
+    sx, sy = width / w, height / h
+    x0, y0, x1, y1 = (box[0] - dx) * sx, (box[1] - dy) * sy, (box[2] - dx) * sx, (box[3] - dy) * sy
+    return [min(max(x0, 0.0), width), min(max(y0, 0.0), height), min(max(x1, 0.0), width),
+            min(max(y1, 0.0), height)]
 
 
 # --------------------------------------------------------------------------------------------------

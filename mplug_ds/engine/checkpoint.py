@@ -7,6 +7,7 @@ Layout of ``<output_dir>/checkpoints``::
         momentum_teacher.pt           the fp32 EMA teacher (identical on every rank; written by rank 0)
         complete.json                 written last: step, epoch, samples seen, world size
     latest                            the newest complete tag (DeepSpeed's convention, so zero_to_fp32 works)
+    best.json                         the best tag by the recipe's metric (kept by keep-last-N pruning)
 
 A tag without ``complete.json`` (a run killed while saving) is never resumed from. Every file the engine
 writes itself goes to a temporary name first and is then renamed.
@@ -33,6 +34,7 @@ TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 COMPLETE = "complete.json"
 TEACHER_FILE = "momentum_teacher.pt"
 LATEST = "latest"
+BEST = "best.json"
 
 
 @dataclass
@@ -141,11 +143,24 @@ class CheckpointManager:
         _barrier()
         return tag_dir
 
+    def best(self) -> dict[str, Any] | None:
+        """The best checkpoint recorded by ``mark_best`` (``tag``, ``step``, ``metric``, ``value``), or ``None``."""
+        path = self.directory / BEST
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def mark_best(self, tag_dir: Path, metric: str, value: float) -> None:
+        """Record ``tag_dir`` as the best checkpoint by ``metric`` (rank 0); ``prune`` never deletes it."""
+        record = {"tag": tag_dir.name, "step": read_marker(tag_dir)["step"], "metric": metric, "value": value}
+        atomic_write_text(self.directory / BEST, json.dumps(record, indent=1))
+
     def prune(self) -> None:
-        """Delete complete checkpoints beyond the newest ``keep_last`` and unfinished ones older than the newest."""
+        """Delete complete checkpoints beyond the newest ``keep_last`` (except the best) and unfinished ones older
+        than the newest."""
         complete = complete_checkpoints(self.directory)
+        best = self.best()
         for _, tag_dir in complete[:-self.keep_last]:
-            shutil.rmtree(tag_dir, ignore_errors=True)
+            if best is None or tag_dir.name != best["tag"]:
+                shutil.rmtree(tag_dir, ignore_errors=True)
         if complete:
             newest = complete[-1][0]
             for child in self.directory.iterdir():

@@ -14,7 +14,8 @@ and TiMix are others. The ``Trainer`` calls, in this order::
                          phase in recipe.phases(step), normally one);
                          recipe.after_optimizer_step() when the step was applied
     at each checkpoint:  recipe.extra_state()       (restored with load_extra_state on resume)
-    at the end:          recipe.evaluate(engine)    -> metrics for the summary
+    every eval_every_steps steps and at the end:  recipe.evaluate(engine) -> metrics (logged; with ``metric``
+                         set, the best checkpoint so far is recorded in checkpoints/best.json and kept)
 """
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ class Recipe:
 
     module: nn.Module
     loss_keys: tuple[str, ...] = ("loss",)
+    eval_every_steps: int = 0  # also call ``evaluate`` every this many optimizer steps (0: only at the end)
+    metric: str | None = None  # the ``evaluate`` metric (higher is better) that picks the best checkpoint
 
     def train_stream(self) -> TrainStream:
         """This rank's training stream (called once, after ``engine_ready``)."""

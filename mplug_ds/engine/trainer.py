@@ -98,6 +98,7 @@ class Trainer:
         self.losses: list[dict[str, float]] = []
         self.session_samples, self.session_seconds = 0, 0.0
         self.last_checkpoint: Path | None = None
+        self.last_metrics: dict[str, float] = {}
         self.logger = RunLogger(cfg.output_dir, world.rank, cfg.schedule.total_steps, cfg.logging.every_steps,
                                 resolved.report_to, to_dict(cfg), cfg.logging.progress_bar,
                                 cfg.logging.wandb_project)
@@ -123,18 +124,26 @@ class Trainer:
         try:
             data = self.resume_or_start()
             stopped = False
+            every_eval = self.recipe.eval_every_steps
             while self.state.step < cfg.schedule.total_steps and not stopped:
                 stopped = self.optimizer_step(data, stop)
                 due = self.state.step % cfg.checkpoint.every_steps == 0
-                if (stopped or due) and not self._saved_at_current_step():
+                eval_due = (not stopped and every_eval > 0 and self.state.step % every_eval == 0
+                            and self.state.step < cfg.schedule.total_steps)
+                best = eval_due and self._evaluate_for_best()
+                if (stopped or due or best) and not self._saved_at_current_step():
                     self._checkpoint()
+                if best:
+                    self._mark_best()
             if not stopped and cfg.checkpoint.save_final and not self._saved_at_current_step():
                 self._checkpoint()
             if stopped:
                 cause = stop.cause if stop.requested else "another rank was asked to stop"
                 self.logger.info(f"{cause}: saved {self.last_checkpoint} at step {self.state.step}; "
                                  "resume with --resume auto")
-            retrieval = {} if stopped else self._evaluate()
+            if not stopped and self._evaluate_for_best(final=True) and self._saved_at_current_step():
+                self._mark_best()
+            retrieval = self.last_metrics
             summary = self._summary(retrieval, stopped, self.skipped.gather())
             self.logger.event("summary", **dataclasses.asdict(summary))
             return summary
@@ -278,11 +287,30 @@ class Trainer:
             atomic_write_text(out / name, yaml.safe_dump(section, sort_keys=False))
         atomic_write_text(out / "ds_config.json", json.dumps(self.resolved.ds_config, indent=2))
 
-    def _evaluate(self) -> dict[str, float]:
-        metrics = self.recipe.evaluate(self.engine)
-        if metrics:
-            self.logger.event("eval", **metrics)
-        return metrics
+    def _evaluate_for_best(self, final: bool = False) -> bool:
+        """Evaluate (a collective), log the metrics; True when the recipe's metric improved on the best so far."""
+        self.last_metrics = self.recipe.evaluate(self.engine)
+        self.logger.event("eval", step=self.state.step, final=final, **self.last_metrics)
+        metric = self.recipe.metric
+        best = self.checkpoints.best()
+        improved = metric in self.last_metrics and (best is None or self.last_metrics[metric] > best["value"])
+        return self._rank0_decides(improved)  # metrics may exist on rank 0 only
+
+    def _rank0_decides(self, flag: bool) -> bool:
+        """Rank 0's ``flag`` on every rank."""
+        if self.world.world_size == 1:
+            return flag
+        packed = torch.tensor([float(flag)], device=self.engine.device)
+        dist.broadcast(packed, src=0)
+        return bool(packed.item() > 0)
+
+    def _mark_best(self) -> None:
+        if self.world.rank != 0:
+            return
+        metric = self.recipe.metric
+        self.checkpoints.mark_best(self.last_checkpoint, metric, self.last_metrics[metric])
+        self.logger.event("best_checkpoint", step=self.state.step, metric=metric, value=self.last_metrics[metric],
+                          path=str(self.last_checkpoint))
 
     def _warn(self, line: str) -> None:
         self.logger.info(line)

@@ -1,0 +1,20 @@
+"""Fine-tuning tasks behind one interface (``FinetuneTask``), found by name in ``TASKS``."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from mplug_ds.config import ConfigError
+from mplug_ds.tasks.base import EvalResult, FinetuneTask
+from mplug_ds.tasks.grounding import GroundingTask
+from mplug_ds.tasks.retrieval import RetrievalTask
+
+TASKS: dict[str, type[FinetuneTask]] = {"grounding": GroundingTask, "retrieval": RetrievalTask}
+
+__all__ = ["TASKS", "EvalResult", "FinetuneTask", "build_task"]
+
+
+def build_task(name: str, options: Mapping[str, Any] | None = None) -> FinetuneTask:
+    """The task called ``name`` with its ``task.options``; an unknown name is a ``ConfigError`` listing the known."""
+    if name not in TASKS:
+        raise ConfigError(f"unknown task '{name}': choose one of {', '.join(sorted(TASKS))} (--task NAME)")
+    return TASKS[name](options)

@@ -1,0 +1,68 @@
+"""The fine-tuning task interface: what the engine asks of a task, nothing more.
+
+A task builds the module DeepSpeed trains from an ``MPLUG`` (its forward returns a dict of losses with
+``loss`` first), names the sample field it prepares (``sample_task``), says which shard fields it needs, and
+evaluates exactly once per sample on any world size, returning metrics (rank 0), the baseline the primary metric
+must beat, and a JSON-serialisable results file.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import nn
+
+from mplug_ds.config import from_dict
+from mplug_ds.data.data_config import DataConfig
+from mplug_ds.data.sample import Sample
+from mplug_ds.models.mplug import MPLUG
+
+EvalSamples = list[tuple[int, Sample]]
+
+
+@dataclass
+class EvalResult:
+    """Outcome of one evaluation; ``metrics``/``baseline``/``results`` are filled on rank 0 only."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    baseline: dict[str, float] = field(default_factory=dict)  # trivial / chance levels of the primary metric
+    results: Any = None  # the results file content (JSON-serialisable)
+
+
+class FinetuneTask(ABC):
+    """One fine-tuning task (grounding, retrieval …) behind the engine."""
+
+    name: ClassVar[str]
+    sample_task: ClassVar[str]  # DataConfig.task that prepares its training batches
+    loss_keys: ClassVar[tuple[str, ...]]
+    metric: ClassVar[str]  # primary metric (higher is better): progress line, best checkpoint, baseline
+    config_type: ClassVar[type]
+    required_fields: ClassVar[tuple[str, ...]]  # Sample fields every shard sample must have
+
+    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
+        self.cfg = from_dict(self.config_type, dict(options or {}), "task")
+
+    @abstractmethod
+    def build(self, model: MPLUG) -> nn.Module:
+        """The module DeepSpeed trains (wrapping ``model``); ``forward(batch, **step_args)`` → losses."""
+
+    def check_run(self, micro_batch: int, global_batch: int) -> None:
+        """Raise ``ConfigError`` if the batch geometry cannot work for this task (default: anything goes)."""
+
+    def missing_fields(self, sample: Sample) -> list[str]:
+        """Required fields that ``sample`` lacks (empty or unset)."""
+        return [f for f in self.required_fields if not getattr(sample, f)]
+
+    @abstractmethod
+    def evaluate(self, module: nn.Module, samples: EvalSamples, data: DataConfig, batch_size: int,
+                 device: torch.device) -> EvalResult:
+        """Evaluate this rank's ``samples`` (a collective: every rank calls it)."""
+
+    def format_metric(self, metrics: Mapping[str, float], baseline: Mapping[str, float]) -> str:
+        """One line: the primary metric beside its baseline (the best trivial predictor, or chance)."""
+        value = metrics.get(self.metric, float("nan"))
+        best = baseline.get(self.metric, max(baseline.values(), default=float("nan")))
+        ratio = f", {value / best:.1f}× the baseline" if best > 0 else ""
+        return f"{self.metric}: {value:.4f} (baseline {best:.4f}{ratio})"

@@ -1,0 +1,35 @@
+"""Checks of a task's shards before training: the samples must carry the fields the task reads."""
+from __future__ import annotations
+
+import itertools
+
+from mplug_ds.config import ConfigError
+from mplug_ds.data.reading import DataErrors, expand_urls, iter_samples
+from mplug_ds.tasks.base import FinetuneTask
+
+FIELD_HELP = {
+    "grounding": "grounding reads texts[0] (the expression) and boxes[0]; write the shards with "
+                 "tools/make_shards.py --format refcoco or --format transvg",
+    "retrieval": "retrieval reads the image and its captions (texts) with image_id; write the shards with "
+                 "tools/make_shards.py --format coco-karpathy or --format albef",
+}
+
+
+def check_task_shards(task: FinetuneTask, shards: str, where: str, samples: int = 4) -> None:
+    """Read the first ``samples`` samples of the first shard of ``shards``; raise ``ConfigError`` naming the shard,
+    the sample key, the missing field and how to write suitable shards."""
+    urls = expand_urls(shards)
+    if not urls:
+        raise ConfigError(f"{where}: '{shards}' matches no shard file")
+    errors = DataErrors()
+    read = list(itertools.islice(iter_samples(urls[0], errors), samples))
+    if not read:
+        raise ConfigError(f"{where}: no readable sample in {urls[0]} ({errors.corrupt_samples} corrupt, "
+                          f"{errors.damaged_shards} damaged shards); check the file or rewrite the shards")
+    for sample in read:
+        missing = task.missing_fields(sample)
+        if sample.image is None:
+            missing = ["image", *missing]
+        if missing:
+            raise ConfigError(f"{where}: sample '{sample.key}' of {urls[0]} has no {' / '.join(missing)} "
+                              f"(a '{sample.task}' sample): {FIELD_HELP.get(task.name, '')}")

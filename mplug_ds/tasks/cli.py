@@ -1,0 +1,246 @@
+"""Command line of ``launch/finetune.py``: task + config → checks → (demo data and checkpoint) → Trainer or evaluation."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from mplug_ds.config import ConfigError, config_keys, format_config_keys
+from mplug_ds.engine.validate import validate_engine
+from mplug_ds.models.config import ModelConfig, load_model_config
+from mplug_ds.runtime.failure import exit_hard_on_failure
+from mplug_ds.runtime.launch_env import WorldInfo, prepare_world_env
+from mplug_ds.tasks import TASKS, build_task
+from mplug_ds.tasks.checks import check_task_shards
+from mplug_ds.tasks.finetune_config import FinetuneConfig, load_finetune_config
+from mplug_ds.tasks.pretrained import EXPORT_FILE, check_pretrained
+from mplug_ds.tasks.recipe import ResolvedTask, TaskRecipe, resolve_task_shards
+
+EXIT_CONFIG_ERROR = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Fine-tune mPLUG on a task with DeepSpeed. With only --task: the CPU demo (tiny model from the "
+                    "demo pre-training checkpoint, made first if missing, on the demo task data).",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=config_help())
+    parser.add_argument("--task", required=True, help=f"the task: {', '.join(sorted(TASKS))}")
+    parser.add_argument("--config", help="task config: a name under mplug_ds/configs/tasks (e.g. grounding_large) "
+                        "or a YAML path (default: <task>_demo)")
+    parser.add_argument("--pretrained", help="export directory (tools/export_checkpoint.py) or DeepSpeed checkpoint "
+                        "directory to start from (default for the demo: the demo pre-training checkpoint)")
+    parser.add_argument("--evaluate", action="store_true", help="only evaluate the --pretrained weights")
+    parser.add_argument("--output-dir", "--output_dir", dest="output_dir", help="overrides run.output_dir")
+    parser.add_argument("--resume", help="'auto' (newest complete checkpoint, else start fresh), a checkpoint path, "
+                        "or 'none'")
+    parser.add_argument("--report-to", "--report_to", dest="report_to", help="comma-separated: wandb,tensorboard,none")
+    parser.add_argument("--deepspeed_config", "--ds-config", dest="deepspeed_config",
+                        help="DeepSpeed JSON template (name or path); overrides deepspeed.config")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the YAML config")
+    return parser
+
+
+def config_help() -> str:
+    """Every configuration key with its type, built-in default and meaning, generated from the config tree."""
+    keys = config_keys(FinetuneConfig) + config_keys(ModelConfig, "model.overrides.", defaults=False)
+    return ("Any other argument is a key=value override of the YAML, e.g. batch.micro_batch_per_gpu=32 "
+            "eval.every_steps=500 deepspeed.config=zero3.\n"
+            "Configuration keys (the --config YAML sets many of them; task.options.* are the task's own: "
+            "grounding: loss_weighting; retrieval: queue_size, momentum, alpha, itm_weight, k_test):\n"
+            + format_config_keys(keys))
+
+
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    """Load the task YAML and apply the flags and ``key=value`` overrides."""
+    build_task(args.task)  # an unknown task name fails here, listing the known ones
+    overrides = list(args.overrides)
+    for flag, key in ((args.output_dir, "run.output_dir"), (args.resume, "run.resume"),
+                      (args.deepspeed_config, "deepspeed.config"), (args.pretrained, "task.pretrained")):
+        if flag:
+            overrides.append(f"{key}={flag}")
+    if args.report_to:
+        overrides.append(f"logging.report_to=[{args.report_to}]")
+    cfg = load_finetune_config(args.config or f"{args.task}_demo", overrides)
+    if cfg.task.name and cfg.task.name != args.task:
+        raise ConfigError(f"config '{args.config}' is for task '{cfg.task.name}', not '{args.task}'; pass a "
+                          f"{args.task} config (e.g. --config {args.task}_demo)")
+    cfg.task.name = args.task
+    return cfg
+
+
+def validate_task(cfg: FinetuneConfig, world_size: int) -> ResolvedTask:
+    """Every check that needs no demo data: engine sections, model, task options, --pretrained, shards."""
+    engine = validate_engine(cfg, world_size)
+    task = build_task(cfg.task.name, cfg.task.options)
+    try:
+        model = load_model_config(cfg.model.name, cfg.model.override_list())
+    except ConfigError as err:
+        raise ConfigError(f"model: {err}") from None
+    task.check_run(cfg.batch.micro_batch_per_gpu, cfg.batch.micro_batch_per_gpu * world_size)
+    if cfg.eval.every_steps < 0 or cfg.eval.batch_size < 1:
+        raise ConfigError("eval.every_steps must be >= 0 and eval.batch_size >= 1")
+    if cfg.task.pretrained:
+        check_pretrained(cfg.task.pretrained, model)
+    sources, eval_shards = [], None
+    if cfg.data.source == "shards":
+        if not cfg.data.pipeline.sources:
+            raise ConfigError(f"data.pipeline.sources is required when data.source=shards, e.g. [{{name: refcoco, "
+                              f"shards: '/data/refcoco/{{000000..000012}}.tar', manifest: /data/refcoco/manifest.json}}]")
+        for i, src in enumerate(cfg.data.pipeline.sources):
+            check_task_shards(task, src.shards, f"data.pipeline.sources[{i}].shards")
+        sources, eval_shards = list(cfg.data.pipeline.sources), cfg.data.eval_shards
+        if eval_shards:
+            check_task_shards(task, eval_shards, "data.eval_shards")
+    return ResolvedTask(ds_config=engine.ds_config, report_to=engine.report_to, model=model, task=task,
+                        train_sources=sources, eval_shards=eval_shards)
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE",
+                "CROSS_RANK", "CROSS_SIZE"):
+        env.pop(key, None)
+    return env
+
+
+def ensure_demo_pretrained(cfg: FinetuneConfig) -> Path:
+    """The demo pre-training checkpoint (an export under ``<cache_dir>/pretrained``); made first if missing by
+    running the demo pre-training (``launch/pretrain.py``) in one process and exporting its last checkpoint."""
+    from mplug_ds.engine.export import export_checkpoint
+
+    from mplug_ds.data.demo_shards import world_dir
+
+    cache = Path(cfg.data.cache_dir).expanduser()
+    export = world_dir(cache) / "pretrained"  # a checkpoint of this demo world
+    if (export / EXPORT_FILE).is_file():
+        return export
+    run_dir = world_dir(cache) / "pretrain_run"
+    print(f"no demo pre-training checkpoint in {export}: running the demo pre-training first ({run_dir})", flush=True)
+    code = "import sys; from mplug_ds.engine.cli import main; sys.exit(main())"
+    # One process with ZeRO kept: DeepSpeed's zero_to_fp32 (the export) cannot read a stage-0 checkpoint.
+    command = [sys.executable, "-c", code, "--config", "demo", "--output-dir", str(run_dir), "--resume", "auto",
+               f"data.cache_dir={cache}", "deepspeed.zero_on_one_rank=true", *cfg.task.demo_pretrain]
+    if subprocess.run(command, env=_child_env()).returncode != 0:
+        raise RuntimeError(f"the demo pre-training failed (its output is above; run directory {run_dir})")
+    export_checkpoint(run_dir, export)
+    return export
+
+
+def prepare_demo(cfg: FinetuneConfig, resolved: ResolvedTask, world: WorldInfo) -> None:
+    """Demo runs: rank 0 prepares the task shards and the pre-training checkpoint; every rank learns the outcome."""
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    outcome: list = [None]
+    if world.rank == 0:
+        try:
+            pretrained = cfg.task.pretrained or str(ensure_demo_pretrained(cfg))
+            sources, eval_shards = resolve_task_shards(cfg, resolved.task)
+            outcome = [{"pretrained": pretrained, "sources": sources, "eval_shards": eval_shards}]
+        except Exception as err:  # every rank must learn that preparation failed, then exit
+            outcome = [{"error": f"{type(err).__name__}: {err}"}]
+    if world.world_size > 1:
+        dist.broadcast_object_list(outcome, src=0)
+    result = outcome[0]
+    if "error" in result:
+        raise RuntimeError(f"preparing the demo failed on rank 0: {result['error']}")
+    cfg.task.pretrained = result["pretrained"]
+    resolved.train_sources, resolved.eval_shards = result["sources"], result["eval_shards"]
+    check_pretrained(cfg.task.pretrained, resolved.model)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    world = prepare_world_env()
+    logging.basicConfig(level=logging.INFO if world.rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    try:
+        cfg = config_from_args(args)
+        resolved = validate_task(cfg, world.world_size)
+        if args.evaluate and not cfg.task.pretrained and cfg.data.source != "demo":
+            raise ConfigError("--evaluate needs --pretrained (the weights to evaluate)")
+        if cfg.data.source == "demo":
+            prepare_demo(cfg, resolved, world)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    if args.evaluate:
+        with exit_hard_on_failure(world.rank):
+            return evaluate_only(cfg, resolved, world)
+    return train(cfg, resolved, world)
+
+
+def train(cfg: FinetuneConfig, resolved: ResolvedTask, world: WorldInfo) -> int:
+    from mplug_ds.engine.trainer import Trainer
+
+    holder: list[TaskRecipe] = []
+
+    def make_recipe(w: WorldInfo) -> TaskRecipe:
+        holder.append(TaskRecipe(cfg, resolved, w))
+        return holder[0]
+
+    with exit_hard_on_failure(world.rank):
+        summary = Trainer(cfg, resolved, world, make_recipe).train()
+    recipe = holder[0]
+    if world.rank == 0:
+        if recipe.last_eval is not None and recipe.last_eval.metrics:
+            print(format_result(cfg, resolved, recipe.last_eval.metrics, recipe.last_eval.baseline), flush=True)
+        else:
+            print(f"\nno evaluation (stopped at step {summary.steps}; continue with --resume auto)", flush=True)
+        print(f"checkpoint: {summary.checkpoint}\nmetrics: {cfg.output_dir}/metrics.jsonl", flush=True)
+    return 0
+
+
+def evaluate_only(cfg: FinetuneConfig, resolved: ResolvedTask, world: WorldInfo) -> int:
+    """Evaluate ``task.pretrained`` (no training): every sample once over all ranks; rank 0 reports."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    from mplug_ds.models.mplug import build_model
+    from mplug_ds.tasks.evaluation import run_evaluation
+    from mplug_ds.tasks.pretrained import load_pretrained
+    from mplug_ds.tasks.recipe import task_data_config
+
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    accel = get_accelerator()
+    device = torch.device(accel.device_name(world.local_rank) if accel.device_name() == "cuda" else "cpu")
+    model = build_model(resolved.model)
+    report = load_pretrained(model, cfg.task.pretrained)
+    module = resolved.task.build(model).to(device)
+    data = task_data_config(cfg, resolved.model, resolved.task, False, [])
+    out = cfg.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    result = run_evaluation(resolved.task, module, resolved.eval_shards, data, cfg.eval.batch_size,
+                            cfg.eval.max_samples, device, out / "eval" / "evaluate.json" if world.rank == 0 else None)
+    if world.rank == 0:
+        print(report.format(), flush=True)
+        record = {"event": "eval", "time": time.time(), "checkpoint": cfg.task.pretrained, **result.metrics,
+                  **{f"baseline/{k}": v for k, v in result.baseline.items()}}
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(format_result(cfg, resolved, result.metrics, result.baseline), flush=True)
+    return 0
+
+
+def format_result(cfg: FinetuneConfig, resolved: ResolvedTask, metrics: dict, baseline: dict) -> str:
+    """The end-of-run report: every metric, then the primary metric beside its baseline."""
+    task = resolved.task
+    lines = ["", f"=== {task.name} evaluation ==="]
+    lines += [f"{k}: {v:.4f}" for k, v in metrics.items() if not k.startswith("baseline/")]
+    lines += [f"baseline {k}: {v:.4f}" for k, v in baseline.items()]
+    lines.append(task.format_metric(metrics, baseline))
+    lines.append(f"results: {cfg.output_dir}/eval/")
+    return "\n".join(lines)

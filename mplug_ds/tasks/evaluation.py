@@ -1,0 +1,38 @@
+"""One evaluation of a task: read this rank's share of the evaluation shards, evaluate, write the results file."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mplug_ds.data.data_config import DataConfig
+from mplug_ds.data.reading import DataErrors
+from mplug_ds.distributed import get_rank
+from mplug_ds.runtime.atomic import atomic_write_text
+from mplug_ds.eval.distributed import read_eval_samples
+from mplug_ds.tasks.base import EvalResult, FinetuneTask
+
+
+def run_evaluation(task: FinetuneTask, module: nn.Module, shards: str, data: DataConfig, batch_size: int,
+                   max_samples: int | None, device: torch.device, results_path: Path | None = None) -> EvalResult:
+    """Evaluate ``module`` on ``shards`` (every sample once over all ranks; a collective).
+
+    Rank 0 gets the metrics, the baseline and, when ``results_path`` is given, writes the results JSON there.
+    """
+    errors = DataErrors()
+    samples = list(read_eval_samples(shards, max_samples, errors=errors))
+    was_training = module.training
+    module.eval()
+    try:
+        result = task.evaluate(module, samples, data, batch_size, device)
+    finally:
+        module.train(was_training)
+    if get_rank() == 0:
+        result.metrics["corrupt_samples"] = float(errors.corrupt_samples)
+        if results_path is not None:
+            results_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(results_path, json.dumps({"task": task.name, "metrics": result.metrics,
+                                                        "baseline": result.baseline, "results": result.results}))
+    return result

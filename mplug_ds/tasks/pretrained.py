@@ -1,0 +1,132 @@
+"""``--pretrained``: start a task from an exported pre-training checkpoint or a DeepSpeed checkpoint directory.
+
+Accepted paths:
+  * an export directory (``tools/export_checkpoint.py``): ``model.safetensors`` (+ ``model_config.yaml``);
+  * a DeepSpeed run directory, its ``checkpoints/`` directory or one ``step_*`` tag (newest complete one), from
+    pre-training or fine-tuning (the wrapped model is kept under ``model.`` in both).
+The visual positional embedding is resized to the task resolution; every other tensor must match in shape.
+``check_pretrained`` runs before any process starts work and reads only tensor shapes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from mplug_ds.config import ConfigError
+from mplug_ds.engine.checkpoint import resolve_resume
+from mplug_ds.models.config import ModelConfig
+from mplug_ds.models.mplug import MPLUG, build_model
+from mplug_ds.models.vision import resize_pos_embed
+from mplug_ds.runtime import safe_load
+
+POS_EMBED = "visual.vit.pos_embed"
+WRAPPER_PREFIX = "model."  # PretrainModel / task modules keep the MPLUG as ``.model``
+EXPORT_FILE = "model.safetensors"
+
+
+@dataclass
+class LoadReport:
+    """What loading a pretrained checkpoint did."""
+
+    source: str
+    loaded: int = 0
+    missing: list[str] = field(default_factory=list)  # model keys the checkpoint lacks (left at their init)
+    unexpected: list[str] = field(default_factory=list)  # checkpoint keys the model does not have (ignored)
+    resized: list[str] = field(default_factory=list)
+
+    def format(self) -> str:
+        lines = [f"loaded {self.loaded} tensors from {self.source}"]
+        for name, keys in (("resized", self.resized), ("missing (kept at initialisation)", self.missing),
+                           ("unexpected (ignored)", self.unexpected)):
+            if keys:
+                lines.append(f"  {name}: {len(keys)}: {', '.join(keys[:8])}{' …' if len(keys) > 8 else ''}")
+        return "\n".join(lines)
+
+
+def _deepspeed_tag(path: Path) -> Path | None:
+    try:
+        return resolve_resume(str(path), path)
+    except FileNotFoundError:
+        return None
+
+
+def _fix(path: Path) -> str:
+    return (f"--pretrained {path}: not an export directory (no {EXPORT_FILE}) nor a DeepSpeed checkpoint (no "
+            "step_*/complete.json); pass the output of tools/export_checkpoint.py or a run/checkpoint directory")
+
+
+def checkpoint_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of the model in a checkpoint, without loading the tensors of an export."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ConfigError(f"--pretrained {path}: no such file or directory")
+    if (path / EXPORT_FILE).is_file():
+        try:
+            with safe_open(str(path / EXPORT_FILE), "pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as err:  # safetensors raises its own error types for damaged headers
+            raise ConfigError(f"--pretrained {path / EXPORT_FILE}: unreadable ({err}); re-export the checkpoint") from None
+    if _deepspeed_tag(path) is None:
+        raise ConfigError(_fix(path))
+    return {k: tuple(v.shape) for k, v in read_state(path).items()}
+
+
+def read_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model's fp32 state dict from an export or a DeepSpeed checkpoint (any ZeRO stage)."""
+    path = Path(path).expanduser()
+    if (path / EXPORT_FILE).is_file():
+        return load_file(str(path / EXPORT_FILE))
+    tag = _deepspeed_tag(path)
+    if tag is None:
+        raise FileNotFoundError(_fix(path))
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    safe_load.check_checkpoint(tag)  # never unpickle code from a checkpoint
+    with safe_load.deepspeed_weights_only():
+        merged = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
+    return {k[len(WRAPPER_PREFIX):]: v for k, v in merged.items() if k.startswith(WRAPPER_PREFIX)}
+
+
+def check_compatible(shapes: dict[str, tuple[int, ...]], model_cfg: ModelConfig, source: str) -> None:
+    """Raise ``ConfigError`` unless the checkpoint fits ``model_cfg`` (positional embedding rows excepted)."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build_model(model_cfg).state_dict().items()}
+    shared = set(shapes) & set(expected)
+    if len(shared) < len(expected) // 2:
+        raise ConfigError(f"--pretrained {source}: only {len(shared)} of the {len(expected)} tensors of model "
+                          f"'{model_cfg.name}' are in the checkpoint (e.g. it lacks {sorted(set(expected) - shared)[:3]}); "
+                          "pass an mplug_ds checkpoint of this model")
+    for key in sorted(shared):
+        if key == POS_EMBED and shapes[key][-1] == expected[key][-1]:
+            continue
+        if shapes[key] != expected[key]:
+            raise ConfigError(f"--pretrained {source}: '{key}' has shape {list(shapes[key])} but model "
+                              f"'{model_cfg.name}' expects {list(expected[key])}; set model.name to the model the "
+                              "checkpoint was trained with (its model_config.yaml) or pass a matching checkpoint")
+
+
+def check_pretrained(path: str | Path, model_cfg: ModelConfig) -> None:
+    """Everything about ``--pretrained`` that can fail, checked before training starts."""
+    check_compatible(checkpoint_shapes(path), model_cfg, str(path))
+
+
+def load_pretrained(model: MPLUG, path: str | Path) -> LoadReport:
+    """Load a checkpoint into ``model`` (positional embedding resized); returns the load report."""
+    state = read_state(path)
+    report = LoadReport(source=str(path))
+    target = model.state_dict()
+    pos = state.get(POS_EMBED)
+    if pos is not None and pos.shape != target[POS_EMBED].shape:
+        grid = model.cfg.vision.image_size // model.cfg.vision.patch_size
+        state[POS_EMBED] = resize_pos_embed(pos, grid)
+        report.resized.append(f"{POS_EMBED} {list(pos.shape)} → {list(state[POS_EMBED].shape)}")
+    check_compatible({k: tuple(v.shape) for k, v in state.items()}, model.cfg, str(path))
+    result = model.load_state_dict({k: v for k, v in state.items() if k in target}, strict=False)
+    report.missing = sorted(result.missing_keys)
+    report.unexpected = sorted(set(state) - set(target))
+    report.loaded = len(set(state) & set(target))
+    return report
