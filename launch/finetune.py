@@ -7,9 +7,9 @@
 
 See mplug_ds/configs/tasks/*.yaml for the published settings and every option.
 """
-import sys
-
 from mplug_ds.tasks.cli import main
+from mplug_ds.runtime.failure import hard_exit
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # End at once, also after success: interpreter exit would wait on loader workers that block SIGTERM.
+    hard_exit(main())

@@ -6,9 +6,9 @@
 
 See docs/multi_node.md for multi-node runs and mplug_ds/configs/pretrain/*.yaml for every option.
 """
-import sys
-
 from mplug_ds.engine.cli import main
+from mplug_ds.runtime.failure import hard_exit
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # End at once, also after success: interpreter exit would wait on loader workers that block SIGTERM.
+    hard_exit(main())

@@ -15,7 +15,7 @@ from mplug_ds.engine.data_health import format_skipped
 from mplug_ds.engine.train_config import TrainConfig, load_train_config
 from mplug_ds.engine.validate import ResolvedRun, validate
 from mplug_ds.models.config import ModelConfig
-from mplug_ds.runtime.failure import exit_hard_on_failure
+from mplug_ds.runtime.failure import exit_hard_on_failure, hard_exit
 from mplug_ds.runtime.launch_env import WorldInfo, prepare_world_env
 
 if TYPE_CHECKING:
@@ -144,3 +144,8 @@ def format_summary(summary: RunSummary, plot: Path | str | None = None) -> str:
     if plot is not None:
         lines.append(f"plot: {plot}")
     return "\n".join(lines)
+
+
+def entry() -> None:
+    """The ``mplug-pretrain`` console script: ``main`` and then an immediate exit (see ``runtime.failure``)."""
+    hard_exit(main())

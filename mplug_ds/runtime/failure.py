@@ -6,7 +6,8 @@ Two ways a distributed job used to outlive its purpose:
   handler terminates the loader workers with SIGTERM and waits for them; the workers block SIGTERM (see
   ``guards.sigterm_blocked``), so the rank never exited and the launcher never tore the job down.
   ``exit_hard_on_failure`` prints the traceback, kills this rank's child processes and ends the process at
-  once with a non-zero status. The launcher (deepspeed, torchrun) sees the failure and stops the other ranks;
+  once with a non-zero status (the entry points end a successful run through ``hard_exit(0)`` too, for the
+  same reason). The launcher (deepspeed, torchrun) sees the failure and stops the other ranks;
   a rank blocked in a collective with the dead rank gets a connection error (or, at the latest, the
   ``run.collective_timeout_s`` timeout) and takes the same exit.
 * The ``deepspeed`` launcher was stopped on its own (a scheduler or Ctrl-C signalling only it). On one node it
