@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from mplug_ds.config import to_dict
 from mplug_ds.models.config import load_model_config
 from mplug_ds.models.mplug import build_model
-from tests.processes import timeout
+from tests.processes import child_env, timeout
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,7 +51,8 @@ def test_timix_viz_writes_a_png_grid_and_refuses_a_model_without_predictor(tmp_p
 def test_benchmark_timix_reports_both_steps_and_their_ratio():
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "--model", "tiny", "--steps", "2",
                           "--warmup", "1", "--batch", "8", "--timix", "--json"],
-                         check=True, capture_output=True, text=True, timeout=timeout(600)).stdout.strip().splitlines()
+                         check=True, capture_output=True, text=True, timeout=timeout(600),
+                         env=child_env()).stdout.strip().splitlines()  # not this process's rendezvous variables
     results = [json.loads(line) for line in out if line.startswith('{"model"')]
     (ratio_line,) = [line for line in out if line.startswith("TiMix vs plain")]
     timix, plain = results
