@@ -41,7 +41,7 @@ from mplug_ds.engine.validate import ResolvedEngine
 from mplug_ds.runtime.atomic import atomic_write_text
 from mplug_ds.runtime.failure import LauncherWatch
 from mplug_ds.runtime.guards import NonFiniteGuard, StopRequest
-from mplug_ds.runtime.launch_env import WorldInfo
+from mplug_ds.runtime.launch_env import WorldInfo, release_cpu_comm_segment
 from mplug_ds.runtime.rng import rng_state, seed_everything, set_deterministic, set_rng_state
 
 log = logging.getLogger("mplug_ds.train")
@@ -75,6 +75,7 @@ class Trainer:
         set_deterministic(cfg.run.deterministic)
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                    timeout=timedelta(seconds=cfg.run.collective_timeout_s))
+        release_cpu_comm_segment(world.rank)
         accel = get_accelerator()
         if accel.device_name() == "cuda":
             accel.set_device(world.local_rank)

@@ -41,3 +41,23 @@ def prepare_world_env() -> WorldInfo:
         env.setdefault("MASTER_PORT", str(free_port()))
     env.setdefault("LOCAL_RANK", "0")
     return WorldInfo(rank=int(env["RANK"]), local_rank=int(env["LOCAL_RANK"]), world_size=int(env["WORLD_SIZE"]))
+
+
+def release_cpu_comm_segment(rank: int) -> None:
+    """Unlink the shared-memory segment DeepSpeed's CPU communication op creates for this rank.
+
+    On CPU, ``deepspeed.init_distributed`` maps a 66 MB ``/dev/shm`` segment per rank, named after the rendezvous
+    address and port, and never unlinks it: every run would leave its segments behind in memory. Once every rank
+    has mapped every other rank's segment (the barrier), removing the names frees them when the ranks exit.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_backend() != "gloo":
+        return
+    dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except FileNotFoundError:
+        pass
