@@ -31,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=config_help())
     parser.add_argument("--config", default="demo", help="pre-training config: a name under "
                         "mplug_ds/configs/pretrain (demo, base, large) or a YAML path (default: demo)")
+    add_run_arguments(parser)
+    return parser
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every training entry point shares (pre-training and fine-tuning), then the overrides."""
     parser.add_argument("--output-dir", "--output_dir", dest="output_dir", help="overrides run.output_dir")
     parser.add_argument("--resume", help="'auto' (newest complete checkpoint, else start fresh), a checkpoint "
                         "path, or 'none'")
@@ -45,7 +51,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the deepspeed launcher (LOCAL_RANK is read from the environment)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the YAML config")
-    return parser
+
+
+def run_overrides(args: argparse.Namespace) -> list[str]:
+    """The ``key=value`` overrides: the positional ones, then those the shared flags stand for."""
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"run.output_dir={args.output_dir}")
+    if args.resume:
+        overrides.append(f"run.resume={args.resume}")
+    if args.trust_checkpoint:
+        overrides.append("checkpoint.trust_pickles=true")
+    if args.report_to:
+        overrides.append(f"logging.report_to=[{args.report_to}]")
+    if args.deepspeed_config:
+        overrides.append(f"deepspeed.config={args.deepspeed_config}")
+    return overrides
 
 
 def config_help() -> str:
@@ -59,17 +80,7 @@ def config_help() -> str:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Load the YAML and apply the flags and ``key=value`` overrides."""
-    overrides = list(args.overrides)
-    if args.output_dir:
-        overrides.append(f"run.output_dir={args.output_dir}")
-    if args.resume:
-        overrides.append(f"run.resume={args.resume}")
-    if args.trust_checkpoint:
-        overrides.append("checkpoint.trust_pickles=true")
-    if args.report_to:
-        overrides.append(f"logging.report_to=[{args.report_to}]")
-    if args.deepspeed_config:
-        overrides.append(f"deepspeed.config={args.deepspeed_config}")
+    overrides = run_overrides(args)
     return load_train_config(args.config, overrides)
 
 

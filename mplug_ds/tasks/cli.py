@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from mplug_ds.config import ConfigError, config_keys, format_config_keys
+from mplug_ds.engine.cli import add_run_arguments, run_overrides
 from mplug_ds.engine.validate import validate_engine
 from mplug_ds.models.config import ModelConfig, load_model_config
 from mplug_ds.runtime.failure import exit_hard_on_failure
@@ -38,14 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pretrained", help="export directory (tools/export_checkpoint.py) or DeepSpeed checkpoint "
                         "directory to start from (default for the demo: the demo pre-training checkpoint)")
     parser.add_argument("--evaluate", action="store_true", help="only evaluate the --pretrained weights")
-    parser.add_argument("--output-dir", "--output_dir", dest="output_dir", help="overrides run.output_dir")
-    parser.add_argument("--resume", help="'auto' (newest complete checkpoint, else start fresh), a checkpoint path, "
-                        "or 'none'")
-    parser.add_argument("--report-to", "--report_to", dest="report_to", help="comma-separated: wandb,tensorboard,none")
-    parser.add_argument("--deepspeed_config", "--ds-config", dest="deepspeed_config",
-                        help="DeepSpeed JSON template (name or path); overrides deepspeed.config")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the YAML config")
+    add_run_arguments(parser)
     return parser
 
 
@@ -62,13 +56,9 @@ def config_help() -> str:
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     """Load the task YAML and apply the flags and ``key=value`` overrides."""
     build_task(args.task)  # an unknown task name fails here, listing the known ones
-    overrides = list(args.overrides)
-    for flag, key in ((args.output_dir, "run.output_dir"), (args.resume, "run.resume"),
-                      (args.deepspeed_config, "deepspeed.config"), (args.pretrained, "task.pretrained")):
-        if flag:
-            overrides.append(f"{key}={flag}")
-    if args.report_to:
-        overrides.append(f"logging.report_to=[{args.report_to}]")
+    overrides = run_overrides(args)
+    if args.pretrained:
+        overrides.append(f"task.pretrained={args.pretrained}")
     cfg = load_finetune_config(args.config or f"{args.task}_demo", overrides)
     if cfg.task.name and cfg.task.name != args.task:
         raise ConfigError(f"config '{args.config}' is for task '{cfg.task.name}', not '{args.task}'; pass a "
