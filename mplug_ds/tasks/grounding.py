@@ -4,7 +4,8 @@ A box is four quantised tokens (cx, cy, w, h), each one of 337 bins mapped to ``
 the decoder reads the fused ``[image; expression]`` memory and predicts the tokens after a ``[unused339]``
 prefix. The training loss is the teacher-forced cross-entropy of the four tokens, each weighted by the L1
 error of its greedy prediction and the sample by 1 − GIoU, computed **per sample** (the reference broadcast
-the weights across the batch, §12.7). Inference decodes four tokens greedily, restricted to the bins.
+the weights across the batch, §12.7). Inference decodes four tokens greedily, restricted to the bins, with the
+shared beam search (``mplug_ds.models.generation``, one beam).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from mplug_ds.data.transforms import box_from_letterbox
 from mplug_ds.eval.boxes import cxcywh_to_xyxy, generalized_box_iou
 from mplug_ds.eval.distributed import gather_to_rank0, lockstep_batches, merge_predictions
 from mplug_ds.eval.grounding import grounding_accuracy, trivial_box_baselines
+from mplug_ds.models.generation import BeamConfig, beam_search
 from mplug_ds.models.mplug import MPLUG
 from mplug_ds.tasks.base import EvalResult, EvalSamples, FinetuneTask
 
@@ -32,6 +34,7 @@ BIN_SCALE = NUM_BINS - 1
 PREFIX_ID = unused_token_id(339)  # 344
 FIRST_BIN_ID = unused_token_id(340)  # 345; bins occupy ids 345 … 681
 L1_WEIGHT_MAX = 5.0
+BOX_DECODING = BeamConfig(num_beams=1, min_length=4, max_length=4)  # greedy, exactly four tokens
 
 Batch = dict[str, torch.Tensor]
 
@@ -75,11 +78,9 @@ class GroundingModel(nn.Module):
         image_out, text_out = m.fuse(m.encode_image(batch["image"]), m.encode_text(batch["text_ids"], mask), mask)
         return m.memory(image_out, text_out, mask)
 
-    def bin_logits(self, ids: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor,
-                   cache: list | None = None) -> torch.Tensor:
+    def bin_logits(self, ids: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
         """Decoder logits restricted to the 337 coordinate ids (the reference's −1e4 logit mask, exactly)."""
-        mask = None if cache is not None else torch.ones_like(ids)
-        logits = self.model.decoder(ids, mask, memory, memory_mask, cache)
+        logits = self.model.decoder(ids, torch.ones_like(ids), memory, memory_mask)
         return logits[..., FIRST_BIN_ID:FIRST_BIN_ID + NUM_BINS].float()
 
     def sample_losses(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,17 +105,13 @@ class GroundingModel(nn.Module):
 
     @torch.no_grad()
     def predict_boxes(self, batch: Batch) -> torch.Tensor:
-        """Greedy 4-token decoding → normalised (cx, cy, w, h) boxes ``(B, 4)`` of the padded image."""
+        """Greedy 4-token decoding over the bins (beam search with one beam, KV-cached) → normalised
+        (cx, cy, w, h) boxes ``(B, 4)`` of the padded image."""
         memory, memory_mask = self.memory(batch)
-        b = memory.shape[0]
-        cache = self.model.decoder.new_cache()
-        step = torch.full((b, 1), PREFIX_ID, dtype=torch.long, device=memory.device)
-        bins = []
-        for _ in range(4):
-            next_bin = self.bin_logits(step, memory, memory_mask, cache)[:, -1].argmax(dim=-1)
-            bins.append(next_bin)
-            step = (next_bin + FIRST_BIN_ID)[:, None]
-        return dequantize(torch.stack(bins, dim=1))
+        prefix = torch.full((memory.shape[0], 1), PREFIX_ID, dtype=torch.long, device=memory.device)
+        out = beam_search(self.model.decoder, memory, memory_mask, prefix, BOX_DECODING, eos_id=None,
+                          token_range=(FIRST_BIN_ID, FIRST_BIN_ID + NUM_BINS), sync_ranks=False)  # always 4 steps
+        return dequantize(torch.tensor(out.tokens, device=memory.device) - FIRST_BIN_ID)
 
 
 def boxes_to_original(pred_cxcywh: torch.Tensor, image_size: torch.Tensor, res: int) -> list[list[float]]:
