@@ -1,9 +1,10 @@
 """The demo's fine-tuning data: task shards cut from the procedural demo world, prepared once into a cache.
 
 ``<cache_dir>/world-<fingerprint>/shards/`` already holds the demo's caption shards (``train``, ``test``: COCO-Karpathy format), which
-are also the retrieval task's train and evaluation sets (one sample per image with all its captions and image
-id). Grounding gets ``refcoco/train`` and ``refcoco/eval`` (val, testA and testB expressions, each labelled with
-its split), read by the refer-toolkit reader from the same world. Preparation happens in a temporary directory
+are also the retrieval and caption tasks' train and evaluation sets (one sample per image with all its captions and
+image id). Grounding gets ``refcoco/train`` and ``refcoco/eval`` (val, testA and testB expressions, each labelled
+with its split), read by the refer-toolkit reader from the same world; VQA gets ``vqa/train`` (train2014 questions)
+and ``vqa/eval`` (val2014: the held-out images' questions), read by the VQA v2 reader. Preparation happens in a temporary directory
 that is renamed into place, so an interrupted first run never leaves half-written shards behind.
 """
 from __future__ import annotations
@@ -12,13 +13,34 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from mplug_ds.data.demo import generate_demo
 from mplug_ds.data.formats import ReaderArgs, read_format
 from mplug_ds.data.shards import ShardOptions, write_shards
 from mplug_ds.data.demo_shards import DEMO_IMAGE_SIZE, DEMO_IMAGES, DEMO_SEED, prepare_demo_shards, world_dir
 
-GROUNDING_SPLITS = {"train": ["train"], "eval": ["val", "testA", "testB"]}
+
+@dataclass(frozen=True)
+class DemoTaskFormat:
+    """How a task's demo shards are cut from the raw demo world: its folder, reader and splits."""
+
+    folder: str
+    format_name: str
+    reader_args: Callable[[Path], ReaderArgs]  # raw demo folder → reader arguments
+    splits: dict[str, list[str]]  # shard folder (train / eval) → the reader's splits it holds
+
+
+VQA_FILES = ("v2_OpenEnded_mscoco_train2014_questions.json", "v2_mscoco_train2014_annotations.json",
+             "v2_OpenEnded_mscoco_val2014_questions.json", "v2_mscoco_val2014_annotations.json")
+TASK_FORMATS = {
+    "grounding": DemoTaskFormat("refcoco", "refcoco", lambda raw: ReaderArgs(
+        ann=[raw / "refcoco"], images=raw / "coco", dataset="refcoco", split_by="unc"),
+        {"train": ["train"], "eval": ["val", "testA", "testB"]}),
+    # val2014 holds the demo's held-out val and test images
+    "vqa": DemoTaskFormat("vqa", "vqa-v2", lambda raw: ReaderArgs(
+        ann=[raw / "vqa" / f for f in VQA_FILES], images=raw / "coco"), {"train": ["train2014"], "eval": ["val2014"]}),
+}
 
 
 @dataclass(frozen=True)
@@ -35,27 +57,31 @@ def _split_shards(split_dir: Path) -> str:
 
 
 def prepare_demo_task_shards(cache_dir: Path, task: str) -> TaskShards:
-    """Shards of ``task`` (``grounding`` | ``retrieval``) from the demo world, written on first use."""
+    """Shards of ``task`` (``grounding`` | ``retrieval`` | ``caption`` | ``vqa``) from the demo world, written on
+    first use."""
     cache_dir = Path(cache_dir).expanduser()
-    if task == "retrieval":
+    if task in ("retrieval", "caption"):
         shards = prepare_demo_shards(cache_dir)
         return TaskShards(shards.train, str(world_dir(cache_dir) / "shards" / "train" / "manifest.json"), shards.test)
-    if task != "grounding":
-        raise ValueError(f"the demo has no data for task '{task}' (grounding, retrieval)")
-    root = world_dir(cache_dir) / "shards" / "refcoco"
-    if not all((root / split / "manifest.json").is_file() for split in GROUNDING_SPLITS):
+    if task not in TASK_FORMATS:
+        raise ValueError(f"the demo has no data for task '{task}' (caption, grounding, retrieval, vqa)")
+    spec = TASK_FORMATS[task]
+    folder = spec.folder
+    root = world_dir(cache_dir) / "shards" / folder
+    if not all((root / split / "manifest.json").is_file() for split in spec.splits):
         root.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(dir=root.parent, prefix=".preparing-refcoco-"))
+        work = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".preparing-{folder}-"))
         try:
             raw = work / "raw"
             generate_demo(raw, seed=DEMO_SEED, num_images=DEMO_IMAGES, image_size=DEMO_IMAGE_SIZE)
-            args = ReaderArgs(ann=[raw / "refcoco"], images=raw / "coco", dataset="refcoco", split_by="unc")
-            for name, splits in GROUNDING_SPLITS.items():
-                options = ShardOptions(out=work / "refcoco" / name, prefix=f"refcoco-{name}", format_name="refcoco",
-                                       shard_size=1000, inputs=[str(raw / "refcoco")], progress=False)
-                write_shards(read_format("refcoco", args, splits), options)
+            args = spec.reader_args(raw)
+            for name, chosen in spec.splits.items():
+                options = ShardOptions(out=work / folder / name, prefix=f"{folder}-{name}",
+                                       format_name=spec.format_name, shard_size=1000,
+                                       inputs=[str(a) for a in args.ann], progress=False)
+                write_shards(read_format(spec.format_name, args, chosen), options)
             if not root.exists():
-                (work / "refcoco").rename(root)
+                (work / folder).rename(root)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return TaskShards(_split_shards(root / "train"), str(root / "train" / "manifest.json"),

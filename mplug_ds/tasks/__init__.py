@@ -5,10 +5,13 @@ from typing import Any, Mapping
 
 from mplug_ds.config import ConfigError
 from mplug_ds.tasks.base import EvalResult, FinetuneTask
+from mplug_ds.tasks.caption import CaptionTask
 from mplug_ds.tasks.grounding import GroundingTask
 from mplug_ds.tasks.retrieval import RetrievalTask
+from mplug_ds.tasks.vqa import VQATask
 
 TASKS: dict[str, type[FinetuneTask]] = {"grounding": GroundingTask, "retrieval": RetrievalTask}
+TASKS |= {"vqa": VQATask, "caption": CaptionTask}
 
 __all__ = ["TASKS", "EvalResult", "FinetuneTask", "build_task"]
 

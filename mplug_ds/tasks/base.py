@@ -40,6 +40,7 @@ class FinetuneTask(ABC):
     metric: ClassVar[str]  # primary metric (higher is better): progress line, best checkpoint, baseline
     config_type: ClassVar[type]
     required_fields: ClassVar[tuple[str, ...]]  # Sample fields every shard sample must have
+    results_name: ClassVar[str | None] = None  # also write the results alone as <eval file>.<name>.json
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self.cfg = from_dict(self.config_type, dict(options or {}), "task")

@@ -12,6 +12,10 @@ FIELD_HELP = {
                  "tools/make_shards.py --format refcoco or --format transvg",
     "retrieval": "retrieval reads the image and its captions (texts) with image_id; write the shards with "
                  "tools/make_shards.py --format coco-karpathy or --format albef",
+    "vqa": "vqa reads texts[0] (the question) and, for training, answers with answer_weights; write the shards "
+           "with tools/make_shards.py --format vqa-v2 or --format mplug-vqa",
+    "caption": "caption reads the image and its captions (texts); write the shards with tools/make_shards.py "
+               "--format coco-karpathy or --format coco-captions",
 }
 
 

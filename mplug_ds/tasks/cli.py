@@ -49,7 +49,10 @@ def config_help() -> str:
     return ("Any other argument is a key=value override of the YAML, e.g. batch.micro_batch_per_gpu=32 "
             "eval.every_steps=500 deepspeed.config=zero3.\n"
             "Configuration keys (the --config YAML sets many of them; task.options.* are the task's own: "
-            "grounding: loss_weighting; retrieval: queue_size, momentum, alpha, itm_weight, k_test):\n"
+            "grounding: loss_weighting; retrieval: queue_size, momentum, alpha, itm_weight, k_test; vqa: mode, "
+            "num_beams, min_length, max_length, length_penalty, answer_list, answer_list_size, k_test, "
+            "train_scan_samples; caption: num_beams, min_length, max_length, length_penalty, no_repeat_ngram, spice, "
+            "train_scan_samples):\n"
             + format_config_keys(keys))
 
 
@@ -210,7 +213,7 @@ def evaluate_only(cfg: FinetuneConfig, resolved: ResolvedTask, world: WorldInfo)
     model = build_model(resolved.model)
     report = load_pretrained(model, cfg.task.pretrained)
     module = resolved.task.build(model).to(device)
-    data = task_data_config(cfg, resolved.model, resolved.task, False, [])
+    data = task_data_config(cfg, resolved.model, resolved.task, False, resolved.train_sources)
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
     result = run_evaluation(resolved.task, module, resolved.eval_shards, data, cfg.eval.batch_size,

@@ -19,7 +19,8 @@ def run_evaluation(task: FinetuneTask, module: nn.Module, shards: str, data: Dat
                    max_samples: int | None, device: torch.device, results_path: Path | None = None) -> EvalResult:
     """Evaluate ``module`` on ``shards`` (every sample once over all ranks; a collective).
 
-    Rank 0 gets the metrics, the baseline and, when ``results_path`` is given, writes the results JSON there.
+    Rank 0 gets the metrics, the baseline and, when ``results_path`` is given, writes the results JSON there
+    (and, for tasks with a ``results_name``, the bare results beside it).
     """
     errors = DataErrors()
     samples = list(read_eval_samples(shards, max_samples, errors=errors))
@@ -35,4 +36,6 @@ def run_evaluation(task: FinetuneTask, module: nn.Module, shards: str, data: Dat
             results_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(results_path, json.dumps({"task": task.name, "metrics": result.metrics,
                                                         "baseline": result.baseline, "results": result.results}))
+            if task.results_name:  # the results alone, in the format an evaluation server takes
+                atomic_write_text(results_path.with_suffix(f".{task.results_name}.json"), json.dumps(result.results))
     return result

@@ -103,7 +103,7 @@ class TaskRecipe(Recipe):
         if self.resolved.eval_shards is None:
             return {}
         step = int(engine.global_steps)
-        data = task_data_config(self.cfg, self.resolved.model, self.task, False, [])
+        data = task_data_config(self.cfg, self.resolved.model, self.task, False, self.resolved.train_sources)
         path = self.cfg.output_dir / "eval" / f"step_{step:08d}.json" if get_rank() == 0 else None
         result = run_evaluation(self.task, engine.module, self.resolved.eval_shards, data, self.cfg.eval.batch_size,
                                 self.cfg.eval.max_samples, engine.device, path)
