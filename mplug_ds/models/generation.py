@@ -14,8 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
-from mplug_ds.eval.distributed import max_over_ranks
+from mplug_ds.distributed import get_world_size
 from mplug_ds.models.decoder import PrefixLMDecoder
 
 NEG_INF = float("-inf")
@@ -157,10 +158,7 @@ def beam_search(decoder: PrefixLMDecoder, memory: torch.Tensor, memory_mask: tor
         for i in range(b):
             if not done[i]:
                 done[i] = _sample_done(finished[i], bool(is_eos[i, 0]), float(cum[i, 0]), t, cfg)
-        running = not all(done)
-        if sync_ranks:
-            running = bool(max_over_ranks(int(running), device))
-        if not running:
+        if not _any_rank(not all(done), device, sync_ranks):
             break
     tokens, scores = [], []
     for i in range(b):
@@ -174,6 +172,15 @@ def beam_search(decoder: PrefixLMDecoder, memory: torch.Tensor, memory_mask: tor
         tokens.append(seq)
         scores.append(score)
     return BeamOutput(tokens, torch.tensor(scores))
+
+
+def _any_rank(flag: bool, device: torch.device, sync: bool) -> bool:
+    """``flag`` on any rank of the process group (this rank's ``flag`` without one, or when ``sync`` is off)."""
+    if not sync or get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _sample_done(finished: list[tuple[float, list[int]]], best_is_eos: bool, best_live: float, t: int,

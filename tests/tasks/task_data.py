@@ -68,6 +68,31 @@ def write_retrieval_shards(directory: Path, prefix: str, counts: list[int], seed
     return f"{directory}/{prefix}-{{{0:06d}..{len(counts) - 1:06d}}}.tar"
 
 
+def write_vqa_shards(directory: Path, prefix: str, counts: list[int], seed: int = 0) -> str:
+    """Shards of VQA v2-style samples (a question about the drawn box, ten human answers, weights, answer type)."""
+    n = 0
+    names = {}
+    for shard, count in enumerate(counts):
+        samples = []
+        for _ in range(count):
+            jpeg, text, _ = _scene(seed * 10_000 + n, 64, 64)
+            colour, side = text.split()[1], text.split()[-1]
+            question, answer, kind = [("what colour is the box?", colour, "other"),
+                                      ("is the box on the left?", "yes" if side == "left" else "no", "yes/no"),
+                                      ("how many boxes are there?", "1", "number")][n % 3]
+            agree = 7 + n % 4  # 7–10 of the ten annotators give the answer, the others an alternative
+            humans = [answer] * agree + ["one" if kind == "number" else "blue"] * (10 - agree)
+            answers = list(dict.fromkeys(humans))
+            samples.append(Sample(key=f"{prefix}_{n:05d}", task="vqa", image=jpeg, texts=[question], answers=answers,
+                                  answer_weights=[humans.count(a) / 10 for a in answers], image_id=str(n),
+                                  extra={"question_id": 1000 + n, "all_answers": humans, "answer_type": kind}))
+            n += 1
+        path = write_shard(directory / f"{prefix}-{shard:06d}.tar", samples)
+        names[path.name] = count
+    write_manifest(directory, names)
+    return f"{directory}/{prefix}-{{{0:06d}..{len(counts) - 1:06d}}}.tar"
+
+
 def write_export(directory: Path, model_name: str = "tiny", overrides: tuple[str, ...] = (), seed: int = 0) -> Path:
     """An export directory (model.safetensors + model_config.yaml) of a freshly initialised model."""
     torch.manual_seed(seed)
