@@ -41,6 +41,9 @@ class FinetuneTask(ABC):
     config_type: ClassVar[type]
     required_fields: ClassVar[tuple[str, ...]]  # Sample fields every shard sample must have
     results_name: ClassVar[str | None] = None  # also write the results alone as <eval file>.<name>.json
+    # module tensors outside the wrapped MPLUG that only fine-tuning trains (a classifier head): ``--evaluate``
+    # loads them from the task's fine-tuning checkpoint
+    head_prefixes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self.cfg = from_dict(self.config_type, dict(options or {}), "task")

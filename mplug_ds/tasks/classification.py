@@ -58,6 +58,7 @@ class ClassificationTask(FinetuneTask):
 
     loss_keys = ("loss",)
     metric = "acc"
+    head_prefixes = ("head.",)
     label_names: ClassVar[tuple[str, ...]]  # index = label id of the shards
     input_keys: ClassVar[tuple[str, ...]]  # batch tensors ``logits`` reads
     collate: ClassVar[Callable[[list[dict[str, Any]], int], dict[str, Any]]]

@@ -95,27 +95,30 @@ def test_shards_without_the_task_fields_fail_before_training(single_process_env,
     assert main(["--task", "ve", "--pretrained", export, *shard_overrides(captions, captions)]) == EXIT_CONFIG_ERROR
     err = capsys.readouterr().err
     assert "sample 'cap_000_000'" in err and "has no label" in err and "--format snli-ve" in err
+    assert main(["--task", "ve", "--evaluate", "--pretrained", export, *shard_overrides(ve, ve)]) == EXIT_CONFIG_ERROR
+    assert "evaluating task 've' needs its trained head (head.*)" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["nlvr2", "ve"])
 def test_evaluation_on_two_ranks_equals_one_rank_on_an_odd_set(tmp_path, task):
+    """One training step on 2 ranks, evaluated there (2 ranks) and again from its checkpoint on 1 rank."""
     write = write_nlvr2_shards if task == "nlvr2" else write_ve_shards
     shards = write(tmp_path / "data", task, [4, 3], ["dev", "test"])
-    export = write_export(tmp_path / "export")
-    args = ["--task", task, "--evaluate", "--pretrained", str(export), *shard_overrides(shards, shards),
-            "eval.batch_size=2"]
-    results = {}
-    for ranks in (1, 2):
-        run(finetune(tmp_path / str(ranks), args, ranks), seconds=900)
-        results[ranks] = json.loads((tmp_path / str(ranks) / "eval" / "evaluate.json").read_text())
-    one, two = results[1], results[2]
+    data = ["--task", task, *shard_overrides(shards, shards), "eval.batch_size=2"]
+    trained = tmp_path / "trained"
+    run(finetune(trained, [*data, "--pretrained", str(write_export(tmp_path / "export")), "schedule.total_steps=1",
+                           "schedule.warmup_steps=1", "batch.micro_batch_per_gpu=2", "optim.lr=1e-2"], 2),
+        seconds=900)
+    run(finetune(tmp_path / "evaluated", [*data, "--evaluate", "--pretrained", str(trained)], 1), seconds=900)
+    two = json.loads((trained / "eval" / "step_00000001.json").read_text())
+    one = json.loads((tmp_path / "evaluated" / "eval" / "evaluate.json").read_text())
     assert one["metrics"] == two["metrics"] and one["metrics"]["num_samples"] == 7
     assert {"acc/dev", "acc/test"} <= set(one["metrics"])
     assert one["baseline"] == two["baseline"] == {"acc": pytest.approx((4 if task == "nlvr2" else 3) / 7)}
     assert [p["index"] for p in two["results"]] == list(range(7))
     assert [p["pred"] for p in one["results"]] == [p["pred"] for p in two["results"]]
-    for p_one, p_two in zip(one["results"], two["results"]):
+    for p_one, p_two in zip(one["results"], two["results"]):  # the trained head was loaded, not re-initialised
         assert p_one["probs"] == pytest.approx(p_two["probs"], abs=1e-5)
     names = build_task(task).label_names
     assert [p["truth"] for p in two["results"]] == [names[i % len(names)] for i in range(7)]
