@@ -4,7 +4,9 @@
 are also the retrieval and caption tasks' train and evaluation sets (one sample per image with all its captions and
 image id). Grounding gets ``refcoco/train`` and ``refcoco/eval`` (val, testA and testB expressions, each labelled
 with its split), read by the refer-toolkit reader from the same world; VQA gets ``vqa/train`` (train2014 questions)
-and ``vqa/eval`` (val2014: the held-out images' questions), read by the VQA v2 reader. Preparation happens in a temporary directory
+and ``vqa/eval`` (val2014: the held-out images' questions), read by the VQA v2 reader; NLVR2 and SNLI-VE get
+``nlvr2/`` and ``ve/`` (``train``; ``eval`` = dev and test, each sample labelled with its split) from the world's
+official-format files. Preparation happens in a temporary directory
 that is renamed into place, so an interrupted first run never leaves half-written shards behind.
 """
 from __future__ import annotations
@@ -40,6 +42,12 @@ TASK_FORMATS = {
     # val2014 holds the demo's held-out val and test images
     "vqa": DemoTaskFormat("vqa", "vqa-v2", lambda raw: ReaderArgs(
         ann=[raw / "vqa" / f for f in VQA_FILES], images=raw / "coco"), {"train": ["train2014"], "eval": ["val2014"]}),
+    "nlvr2": DemoTaskFormat("nlvr2", "nlvr2", lambda raw: ReaderArgs(
+        ann=[raw / "nlvr2" / f for f in ("train.json", "dev.json", "test1.json")], images=raw / "nlvr2"),
+        {"train": ["train"], "eval": ["dev", "test1"]}),
+    "ve": DemoTaskFormat("ve", "snli-ve", lambda raw: ReaderArgs(
+        ann=[raw / "snli_ve" / f"snli_ve_{s}.jsonl" for s in ("train", "dev", "test")], images=raw / "snli_ve"),
+        {"train": ["train"], "eval": ["dev", "test"]}),
 }
 
 
@@ -57,14 +65,14 @@ def _split_shards(split_dir: Path) -> str:
 
 
 def prepare_demo_task_shards(cache_dir: Path, task: str) -> TaskShards:
-    """Shards of ``task`` (``grounding`` | ``retrieval`` | ``caption`` | ``vqa``) from the demo world, written on
-    first use."""
+    """Shards of ``task`` (``grounding`` | ``retrieval`` | ``caption`` | ``vqa`` | ``nlvr2`` | ``ve``) from the demo
+    world, written on first use."""
     cache_dir = Path(cache_dir).expanduser()
     if task in ("retrieval", "caption"):
         shards = prepare_demo_shards(cache_dir)
         return TaskShards(shards.train, str(world_dir(cache_dir) / "shards" / "train" / "manifest.json"), shards.test)
     if task not in TASK_FORMATS:
-        raise ValueError(f"the demo has no data for task '{task}' (caption, grounding, retrieval, vqa)")
+        raise ValueError(f"the demo has no data for task '{task}' ({', '.join(sorted([*TASK_FORMATS, 'caption', 'retrieval']))})")
     spec = TASK_FORMATS[task]
     folder = spec.folder
     root = world_dir(cache_dir) / "shards" / folder

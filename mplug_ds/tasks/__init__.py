@@ -7,11 +7,13 @@ from mplug_ds.config import ConfigError
 from mplug_ds.tasks.base import EvalResult, FinetuneTask
 from mplug_ds.tasks.caption import CaptionTask
 from mplug_ds.tasks.grounding import GroundingTask
+from mplug_ds.tasks.nlvr2 import NLVR2Task
 from mplug_ds.tasks.retrieval import RetrievalTask
+from mplug_ds.tasks.ve import VETask
 from mplug_ds.tasks.vqa import VQATask
 
-TASKS: dict[str, type[FinetuneTask]] = {"grounding": GroundingTask, "retrieval": RetrievalTask}
-TASKS |= {"vqa": VQATask, "caption": CaptionTask}
+TASKS: dict[str, type[FinetuneTask]] = {"grounding": GroundingTask, "retrieval": RetrievalTask, "vqa": VQATask,
+                                        "caption": CaptionTask, "nlvr2": NLVR2Task, "ve": VETask}
 
 __all__ = ["TASKS", "EvalResult", "FinetuneTask", "build_task"]
 

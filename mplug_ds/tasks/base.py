@@ -41,6 +41,9 @@ class FinetuneTask(ABC):
     config_type: ClassVar[type]
     required_fields: ClassVar[tuple[str, ...]]  # Sample fields every shard sample must have
     results_name: ClassVar[str | None] = None  # also write the results alone as <eval file>.<name>.json
+    # module tensors outside the wrapped MPLUG that only fine-tuning trains (a classifier head): ``--evaluate``
+    # loads them from the task's fine-tuning checkpoint
+    head_prefixes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self.cfg = from_dict(self.config_type, dict(options or {}), "task")
@@ -53,8 +56,9 @@ class FinetuneTask(ABC):
         """Raise ``ConfigError`` if the batch geometry cannot work for this task (default: anything goes)."""
 
     def missing_fields(self, sample: Sample) -> list[str]:
-        """Required fields that ``sample`` lacks (empty or unset)."""
-        return [f for f in self.required_fields if not getattr(sample, f)]
+        """Required fields that ``sample`` lacks (empty or unset); the image unless the task reads ``images``."""
+        missing = [f for f in self.required_fields if not getattr(sample, f)]
+        return missing if sample.image is not None or "images" in self.required_fields else ["image", *missing]
 
     @abstractmethod
     def evaluate(self, module: nn.Module, samples: EvalSamples, data: DataConfig, batch_size: int,

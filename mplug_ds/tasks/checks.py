@@ -16,6 +16,10 @@ FIELD_HELP = {
            "with tools/make_shards.py --format vqa-v2 or --format mplug-vqa",
     "caption": "caption reads the image and its captions (texts); write the shards with tools/make_shards.py "
                "--format coco-karpathy or --format coco-captions",
+    "nlvr2": "nlvr2 reads a left and a right image (.left.jpg/.right.jpg), texts[0] (the statement) and label; "
+             "write the shards with tools/make_shards.py --format nlvr2",
+    "ve": "ve reads the image, texts[0] (the hypothesis) and label; write the shards with "
+          "tools/make_shards.py --format snli-ve",
 }
 
 
@@ -32,8 +36,6 @@ def check_task_shards(task: FinetuneTask, shards: str, where: str, samples: int 
                           f"{errors.damaged_shards} damaged shards); check the file or rewrite the shards")
     for sample in read:
         missing = task.missing_fields(sample)
-        if sample.image is None:
-            missing = ["image", *missing]
         if missing:
             raise ConfigError(f"{where}: sample '{sample.key}' of {urls[0]} has no {' / '.join(missing)} "
                               f"(a '{sample.task}' sample): {FIELD_HELP.get(task.name, '')}")

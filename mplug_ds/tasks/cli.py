@@ -22,7 +22,7 @@ from mplug_ds.runtime.launch_env import WorldInfo, prepare_world_env
 from mplug_ds.tasks import TASKS, build_task
 from mplug_ds.tasks.checks import check_task_shards
 from mplug_ds.tasks.finetune_config import FinetuneConfig, load_finetune_config
-from mplug_ds.tasks.pretrained import EXPORT_FILE, check_pretrained
+from mplug_ds.tasks.pretrained import EXPORT_FILE, check_pretrained, check_task_weights
 from mplug_ds.tasks.recipe import ResolvedTask, TaskRecipe, resolve_task_shards
 
 EXIT_CONFIG_ERROR = 2
@@ -165,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         resolved = validate_task(cfg, world.world_size)
         if args.evaluate and not cfg.task.pretrained and cfg.data.source != "demo":
             raise ConfigError("--evaluate needs --pretrained (the weights to evaluate)")
+        if args.evaluate and cfg.task.pretrained:
+            check_task_weights(cfg.task.pretrained, cfg.task.name, resolved.task.head_prefixes)
         if cfg.data.source == "demo":
             prepare_demo(cfg, resolved, world)
     except ConfigError as err:
@@ -204,7 +206,7 @@ def evaluate_only(cfg: FinetuneConfig, resolved: ResolvedTask, world: WorldInfo)
 
     from mplug_ds.models.mplug import build_model
     from mplug_ds.tasks.evaluation import run_evaluation
-    from mplug_ds.tasks.pretrained import load_pretrained
+    from mplug_ds.tasks.pretrained import load_pretrained, load_task_weights
     from mplug_ds.tasks.recipe import task_data_config
 
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
@@ -213,13 +215,14 @@ def evaluate_only(cfg: FinetuneConfig, resolved: ResolvedTask, world: WorldInfo)
     model = build_model(resolved.model)
     report = load_pretrained(model, cfg.task.pretrained)
     module = resolved.task.build(model).to(device)
+    head = load_task_weights(module, cfg.task.pretrained, resolved.task.name, resolved.task.head_prefixes)
     data = task_data_config(cfg, resolved.model, resolved.task, False, resolved.train_sources)
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
     result = run_evaluation(resolved.task, module, resolved.eval_shards, data, cfg.eval.batch_size,
                             cfg.eval.max_samples, device, out / "eval" / "evaluate.json" if world.rank == 0 else None)
     if world.rank == 0:
-        print(report.format(), flush=True)
+        print(report.format() + (f"\nloaded {head} tensors of the task head" if head else ""), flush=True)
         record = {"event": "eval", "time": time.time(), "checkpoint": cfg.task.pretrained, **result.metrics,
                   **{f"baseline/{k}": v for k, v in result.baseline.items()}}
         with open(out / "metrics.jsonl", "a") as f:

@@ -80,6 +80,14 @@ def read_state(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path).expanduser()
     if (path / EXPORT_FILE).is_file():
         return load_file(str(path / EXPORT_FILE))
+    merged = read_module_state(path)
+    return {k[len(WRAPPER_PREFIX):]: v for k, v in merged.items() if k.startswith(WRAPPER_PREFIX)}
+
+
+def read_module_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The trained module's fp32 state dict of a DeepSpeed checkpoint (any ZeRO stage), keys as in the module:
+    ``model.…`` and the task's own tensors."""
+    path = Path(path).expanduser()
     tag = _deepspeed_tag(path)
     if tag is None:
         raise FileNotFoundError(_fix(path))
@@ -87,8 +95,35 @@ def read_state(path: str | Path) -> dict[str, torch.Tensor]:
 
     safe_load.check_checkpoint(tag)  # never unpickle code from a checkpoint
     with safe_load.deepspeed_weights_only():
-        merged = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
-    return {k[len(WRAPPER_PREFIX):]: v for k, v in merged.items() if k.startswith(WRAPPER_PREFIX)}
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
+
+
+def _no_head(path: Path, task: str, prefixes: tuple[str, ...], lacking: str) -> str:
+    return (f"--pretrained {path}: no {lacking}: evaluating task '{task}' needs its trained head "
+            f"({', '.join(p + '*' for p in prefixes)}), which only a DeepSpeed checkpoint of a '{task}' fine-tuning "
+            "holds (an export keeps the MPLUG alone); pass that run or checkpoint directory")
+
+
+def check_task_weights(path: str | Path, task: str, prefixes: tuple[str, ...]) -> None:
+    """Before any rank starts: an export can never hold a task's head (``prefixes``), so evaluating one fails."""
+    path = Path(path).expanduser()
+    if prefixes and (path / EXPORT_FILE).is_file():
+        raise ConfigError(_no_head(path, task, prefixes, "task head in an export"))
+
+
+def load_task_weights(module: torch.nn.Module, path: str | Path, task: str, prefixes: tuple[str, ...]) -> int:
+    """Load the task's own tensors (names starting with ``prefixes``) of a fine-tuning checkpoint into ``module``;
+    returns how many. ``ConfigError`` naming the first tensor the checkpoint lacks."""
+    own = sorted(k for k in module.state_dict() if k.startswith(prefixes)) if prefixes else []
+    if not own:
+        return 0
+    check_task_weights(path, task, prefixes)
+    state = read_module_state(path)
+    lacking = [k for k in own if k not in state]
+    if lacking:
+        raise ConfigError(_no_head(Path(path), task, prefixes, f"'{lacking[0]}'"))
+    module.load_state_dict({k: state[k] for k in own}, strict=False)
+    return len(own)
 
 
 def check_compatible(shapes: dict[str, tuple[int, ...]], model_cfg: ModelConfig, source: str) -> None:

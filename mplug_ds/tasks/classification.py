@@ -1,0 +1,97 @@
+"""What the classification tasks (NLVR2, SNLI-VE) share: an MLP head on fused [CLS] states, cross-entropy
+training, and exact evaluation by accuracy (overall and per split) beside the majority-class baseline.
+
+mPLUG released no heads for these tasks (architecture doc §7.5); ours are described in ``docs/tasks.md``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+from abc import ABC, abstractmethod
+from typing import Any, Callable, ClassVar, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mplug_ds.data.collate import Preparer
+from mplug_ds.data.data_config import DataConfig
+from mplug_ds.data.sample import Sample
+from mplug_ds.eval.classification import classification_accuracy, majority_baseline
+from mplug_ds.eval.distributed import gather_to_rank0, lockstep_batches, merge_predictions
+from mplug_ds.models.mplug import MPLUG
+from mplug_ds.tasks.base import EvalResult, EvalSamples, FinetuneTask
+
+Batch = dict[str, torch.Tensor]
+
+
+class ClassifierHead(nn.Module):
+    """Linear → GELU → Linear: ``(B, in_dim)`` features → ``(B, num_classes)`` logits."""
+
+    def __init__(self, in_dim: int, hidden: int, num_classes: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(in_dim, hidden)
+        self.out = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(F.gelu(self.dense(x)))
+
+
+class ClassificationModel(nn.Module, ABC):
+    """The module DeepSpeed trains for a classification task: mPLUG plus a head; ``logits`` is the task's own."""
+
+    def __init__(self, model: MPLUG) -> None:
+        super().__init__()
+        self.model = model
+
+    @abstractmethod
+    def logits(self, batch: Batch) -> torch.Tensor:
+        """Class logits ``(B, num_classes)`` in fp32."""
+
+    def forward(self, batch: Batch, **_: Any) -> dict[str, torch.Tensor]:
+        """``loss``: cross-entropy of the logits against ``batch["label"]``."""
+        return {"loss": F.cross_entropy(self.logits(batch), batch["label"])}
+
+
+class ClassificationTask(FinetuneTask):
+    """A task that predicts one of ``label_names`` per sample; metric: accuracy."""
+
+    loss_keys = ("loss",)
+    metric = "acc"
+    head_prefixes = ("head.",)
+    label_names: ClassVar[tuple[str, ...]]  # index = label id of the shards
+    input_keys: ClassVar[tuple[str, ...]]  # batch tensors ``logits`` reads
+    collate: ClassVar[Callable[[list[dict[str, Any]], int], dict[str, Any]]]
+
+    def missing_fields(self, sample: Sample) -> list[str]:
+        # label 0 is a valid label: only an unset one is missing
+        missing = [f for f in self.required_fields if f != "label" and not getattr(sample, f)]
+        return missing + (["label"] if "label" in self.required_fields and sample.label is None else [])
+
+    def format_metric(self, metrics: Mapping[str, float], baseline: Mapping[str, float]) -> str:
+        acc, best = metrics.get("acc", float("nan")), baseline.get("acc", float("nan"))
+        ratio = f" = {acc / best:.2f}×" if best > 0 else ""
+        return f"acc: {acc:.4f} vs majority class {best:.4f}{ratio} (chance {1 / len(self.label_names):.4f})"
+
+    @torch.no_grad()
+    def evaluate(self, module: nn.Module, samples: EvalSamples, data: DataConfig, batch_size: int,
+                 device: torch.device) -> EvalResult:
+        prepare = Preparer(dataclasses.replace(data, task=self.sample_task, train=False))
+        items = [prepare(sample, random.Random(0)) | {"index": index, "split": sample.split}
+                 for index, sample in samples]
+        predictions = []
+        for chunk, real in lockstep_batches(items, batch_size, items[0] if items else None, device):
+            batch = self.collate(chunk, data.max_len)
+            probs = module.logits({k: batch[k].to(device) for k in self.input_keys}).softmax(dim=-1).cpu()
+            if real:
+                predictions += [{"index": it["index"], "key": it["key"], "split": it["split"], "text": it["text"],
+                                 "label": it["label"], "pred": int(p.argmax()),
+                                 "answer": self.label_names[int(p.argmax())], "truth": self.label_names[it["label"]],
+                                 "probs": [round(float(v), 6) for v in p]}
+                                for it, p in zip(chunk, probs)]
+        gathered = gather_to_rank0(predictions)
+        if gathered is None:
+            return EvalResult()
+        merged = merge_predictions(gathered)
+        return EvalResult(metrics=classification_accuracy(merged), baseline=majority_baseline(merged),
+                          results=merged)
