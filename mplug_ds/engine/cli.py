@@ -16,12 +16,13 @@ from mplug_ds.engine.train_config import TrainConfig, load_train_config
 from mplug_ds.engine.validate import ResolvedRun, validate
 from mplug_ds.models.config import ModelConfig
 from mplug_ds.runtime.failure import exit_hard_on_failure, hard_exit
-from mplug_ds.runtime.launch_env import WorldInfo, prepare_world_env
+from mplug_ds.runtime.launch_env import PortInUseError, WorldInfo, check_rendezvous_port, prepare_world_env
 
 if TYPE_CHECKING:
     from mplug_ds.engine.trainer import RunSummary
 
 EXIT_CONFIG_ERROR = 2
+EXIT_PORT_IN_USE = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     world = prepare_world_env()
     logging.basicConfig(level=logging.INFO if world.rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    try:
+        check_rendezvous_port(world)
+    except PortInUseError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_PORT_IN_USE
     try:
         cfg = config_from_args(args)
         resolved = validate(cfg, world.world_size)

@@ -1,6 +1,7 @@
 """The process's place in the job, read from whichever launcher started it (deepspeed, torchrun, srun, python)."""
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from dataclasses import dataclass
@@ -20,6 +21,35 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class PortInUseError(RuntimeError):
+    """The rendezvous port (``MASTER_PORT``) is held by another process on this machine."""
+
+
+def check_rendezvous_port(world: WorldInfo) -> None:
+    """Fail at once when rank 0 cannot listen on ``MASTER_PORT`` (another job holds it).
+
+    Rank 0 hosts the rendezvous store on that port; without this check a second job on a busy port fails only
+    after its ranks have started (or its other ranks wait on the first job's store). Under torchrun the agent
+    already holds the port for the ranks, so nothing is checked there.
+    """
+    if world.rank != 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return
+    port = int(os.environ.get("MASTER_PORT", "0"))
+    if not port:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port left in TIME_WAIT is free to use
+        try:
+            sock.bind(("", port))
+        except OSError as err:
+            if err.errno != errno.EADDRINUSE:
+                raise
+            raise PortInUseError(
+                f"the rendezvous port MASTER_PORT={port} is already in use on this machine (another job?); "
+                f"choose a free one: deepspeed --master_port <port> ... (torchrun: --master_port or "
+                f"--rdzv_endpoint; srun / plain python: export MASTER_PORT=<port>)") from None
 
 
 def prepare_world_env() -> WorldInfo:

@@ -18,7 +18,7 @@ from mplug_ds.engine.cli import add_run_arguments, run_overrides
 from mplug_ds.engine.validate import validate_engine
 from mplug_ds.models.config import ModelConfig, load_model_config
 from mplug_ds.runtime.failure import exit_hard_on_failure
-from mplug_ds.runtime.launch_env import WorldInfo, prepare_world_env
+from mplug_ds.runtime.launch_env import PortInUseError, WorldInfo, check_rendezvous_port, prepare_world_env
 from mplug_ds.tasks import TASKS, build_task
 from mplug_ds.tasks.checks import check_task_shards
 from mplug_ds.tasks.finetune_config import FinetuneConfig, load_finetune_config
@@ -26,6 +26,7 @@ from mplug_ds.tasks.pretrained import EXPORT_FILE, check_pretrained, check_task_
 from mplug_ds.tasks.recipe import ResolvedTask, TaskRecipe, resolve_task_shards
 
 EXIT_CONFIG_ERROR = 2
+EXIT_PORT_IN_USE = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,6 +161,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     world = prepare_world_env()
     logging.basicConfig(level=logging.INFO if world.rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    try:
+        check_rendezvous_port(world)
+    except PortInUseError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_PORT_IN_USE
     try:
         cfg = config_from_args(args)
         resolved = validate_task(cfg, world.world_size)
