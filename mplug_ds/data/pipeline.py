@@ -240,6 +240,34 @@ class ShardLoader:
         self.errors.load_state_dict(state["errors"])
 
 
+    def load_resharded(self, states: list[dict[str, Any]]) -> None:
+        """Continue from positions saved by ``len(states)`` ranks on this loader's (different) number of ranks.
+
+        At an epoch boundary the epoch simply starts on the new layout. Inside an epoch, a resampled stream moves
+        on to the next epoch on the new layout (its shards are drawn with replacement, so no sample is owed; the
+        continuation is deterministic); a non-resampled epoch cannot be re-split exactly and is refused. Rank 0
+        carries the skipped-sample counts of every old rank.
+        """
+        for name, mine in (("seed", self.cfg.seed), ("resampled", self.cfg.resampled)):
+            if states[0][name] != mine:
+                raise ValueError(f"data position was saved with {name}={states[0][name]!r} but this loader has "
+                                 f"{name}={mine!r}; resume with the same data.{name}")
+        epoch = max(state["epoch"] for state in states)
+        at_boundary = all(state["epoch"] == epoch and state["received"] == 0 for state in states)
+        if not at_boundary and not self.cfg.resampled:
+            raise ValueError(
+                f"the data position was saved by {len(states)} ranks inside epoch {epoch} of a non-resampled stream "
+                f"and this run has {self.world_size} ranks: the rest of that epoch cannot be re-split without "
+                f"repeating or skipping samples. Resume on {len(states)} ranks, or use data.pipeline.resampled=true")
+        self.set_epoch(epoch if at_boundary else epoch + 1)
+        self.errors = DataErrors()
+        if self.rank == 0:
+            for state in states:
+                old = DataErrors()
+                old.load_state_dict(state["errors"])
+                self.errors.merge(old)
+
+
 def check_config(cfg: DataConfig, where: str = "data") -> None:
     """Reject a data config that cannot work, naming the key (under ``where`` in the YAML) and the fix."""
     if not cfg.sources:

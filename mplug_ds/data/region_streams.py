@@ -59,6 +59,14 @@ class WithRegions:
         self.captions.load_state_dict(state["captions"])
         self.regions.load_state_dict(state["regions"])
 
+    def load_resharded(self, states: list[dict[str, Any]]) -> None:
+        """Both streams from positions saved by another number of ranks."""
+        if any(set(state) != {"captions", "regions"} for state in states):
+            raise ValueError("the checkpoint's data position was not saved by a TiMix run (no region stream position)"
+                             "; resume it with timix.enabled=false")
+        self.captions.load_resharded([state["captions"] for state in states])
+        self.regions.load_resharded([state["regions"] for state in states])
+
 
 class SyntheticRegionBatches:
     """Region batches generated in-process (benchmarks, engine tests): random images, phrases of real words,
@@ -97,3 +105,7 @@ class SyntheticRegionBatches:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a position saved by ``state_dict``."""
         self.next_index = int(state["next_index"])
+
+    def load_resharded(self, states: list[dict[str, Any]]) -> None:
+        """Continue past the furthest position saved by another number of ranks."""
+        self.next_index = max(int(state["next_index"]) for state in states)

@@ -107,6 +107,10 @@ class EndlessShardBatches:
         """Continue from a saved position."""
         self.loader.load_state_dict(state)
 
+    def load_resharded(self, states: list[dict[str, Any]]) -> None:
+        """Continue from positions saved by another number of ranks (``ShardLoader.load_resharded``)."""
+        self.loader.load_resharded(states)
+
 
 def _tensors(batch: dict[str, Any]) -> Batch:
     return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}

@@ -77,3 +77,8 @@ class SyntheticPretrainBatches:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a position saved by ``state_dict``."""
         self.next_index = int(state["next_index"])
+
+    def load_resharded(self, states: list[dict[str, Any]]) -> None:
+        """Continue from positions saved by another number of ranks: past the furthest of them, so no rank sees a
+        batch of its own stream twice."""
+        self.next_index = max(int(state["next_index"]) for state in states)

@@ -5,19 +5,28 @@ Layout of ``<output_dir>/checkpoints``::
     step_00000500/                    one DeepSpeed tag (model/optimizer states of every rank)
         rank_00000_state.pt           per rank: RNG states and the data loader position
         momentum_teacher.pt           the fp32 EMA teacher (identical on every rank; written by rank 0)
-        complete.json                 written last: step, epoch, samples seen, world size
+        complete.json                 written last: step, epoch, samples seen, world size, ZeRO stage, global batch
+        universal/                    made on demand: the tag as a DeepSpeed universal checkpoint (any world size)
     latest                            the newest complete tag (DeepSpeed's convention, so zero_to_fp32 works)
     best.json                         the best tag by the recipe's metric (kept by keep-last-N pruning)
 
 A tag without ``complete.json`` (a run killed while saving) is never resumed from. Every file the engine
 writes itself goes to a temporary name first and is then renamed.
+
+Resuming on a different number of ranks goes through DeepSpeed's universal checkpoint: rank 0 converts the tag once
+(``ds_to_universal``, into ``universal/``), every rank loads its new partition of the weights and optimizer state from
+it; RNG states of ranks that existed are restored, new ranks are seeded from (seed, rank, step), and the data
+streams re-split their positions (``load_resharded``).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +44,7 @@ COMPLETE = "complete.json"
 TEACHER_FILE = "momentum_teacher.pt"
 LATEST = "latest"
 BEST = "best.json"
+UNIVERSAL = "universal"
 
 
 @dataclass
@@ -104,6 +114,51 @@ def read_marker(tag_dir: Path) -> dict[str, Any]:
     return json.loads((tag_dir / COMPLETE).read_text())
 
 
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """How a checkpoint was written: ranks, ZeRO stage and global batch (``None`` when older markers lack it)."""
+
+    world_size: int
+    zero_stage: int
+    global_batch: int | None
+
+
+def checkpoint_layout(tag_dir: Path) -> CheckpointLayout:
+    """The layout recorded in ``complete.json`` (the ZeRO stage read from the files for older checkpoints)."""
+    marker = read_marker(tag_dir)
+    stage = marker.get("zero_stage")
+    if stage is None:
+        stage = 1 if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")) else 0
+    return CheckpointLayout(marker["world_size"], stage, marker.get("global_batch"))
+
+
+def convert_to_universal(tag_dir: Path, trusted: bool = False) -> Path:
+    """``tag_dir/universal``: the checkpoint in DeepSpeed's universal format, converted once (``ds_to_universal``).
+
+    The converter unpickles every file fully, so unless ``trusted`` the files are first scanned with the restricted
+    unpickler's rules (``safe_load.check_checkpoint``). Written to a temporary directory and renamed when complete.
+    """
+    out = tag_dir / UNIVERSAL
+    if (out / COMPLETE).is_file():
+        return out
+    if not trusted:
+        safe_load.check_checkpoint(tag_dir)
+    tmp = tag_dir / f"{UNIVERSAL}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+               "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
+               "--num_merge_workers", "1"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"converting {tag_dir} to a universal checkpoint failed ({' '.join(command)}):\n"
+                           f"{(done.stdout + done.stderr)[-3000:]}")
+    atomic_write_text(tmp / COMPLETE, json.dumps({"source": tag_dir.name, "time": time.time()}))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
 def _barrier() -> None:
     if is_distributed():
         dist.barrier()
@@ -136,6 +191,8 @@ class CheckpointManager:
         _barrier()
         if rank == 0:
             marker = {**dataclasses.asdict(state), "world_size": get_world_size(), "tag": tag,
+                      "zero_stage": int(engine.zero_optimization_stage()),
+                      "global_batch": int(engine.train_batch_size()),
                       "has_teacher": teacher_state is not None, "time": time.time()}
             atomic_write_text(tag_dir / COMPLETE, json.dumps(marker, indent=1))
             atomic_write_text(self.directory / LATEST, tag)
@@ -172,24 +229,42 @@ class CheckpointManager:
              ) -> tuple[TrainState, dict[str, Any], dict[str, torch.Tensor] | None]:
         """Restore engine states from ``tag_dir``; returns the train state, this rank's state and the teacher.
 
-        Every file is read with the restricted unpickler (``safe_load``) unless ``trust_pickles``.
+        Written by as many ranks as this run has: this rank's state is ``{"rng", "data"}``. Written by another number
+        of ranks (the DeepSpeed config must then have ``checkpoint.load_universal``, see ``validate_engine``): the
+        engine loads the universal conversion and this rank's state is ``{"rng": its old RNG state or None,
+        "data_by_rank": every old rank's data position}``. Every file is read with the restricted unpickler
+        (``safe_load``) unless ``trust_pickles``.
         """
         marker = read_marker(tag_dir)
-        world = get_world_size()
-        if marker["world_size"] != world:
+        world, rank = get_world_size(), get_rank()
+        resharded = marker["world_size"] != world
+        if resharded and not engine.load_universal_checkpoint():
             raise RuntimeError(
-                f"{tag_dir} was written by {marker['world_size']} ranks but this run has {world}: ZeRO partitions, "
-                "RNG states and data positions are per rank, so resume with the same number of ranks, or export "
-                "the weights (tools/export_checkpoint.py) and start a new run from them (docs/multi_node.md)")
+                f"{tag_dir} was written by {marker['world_size']} ranks but this run has {world} and its DeepSpeed "
+                "config does not load universal checkpoints; resume through the command line (--resume), which "
+                "converts it (docs/multi_node.md)")
         trusted = self.trust_pickles
         if not trusted:
             safe_load.check_checkpoint(tag_dir)
+        load_dir, tag = tag_dir.parent, tag_dir.name
+        if resharded:
+            if rank == 0:
+                convert_to_universal(tag_dir, trusted)
+            _barrier()
+            load_dir, tag = tag_dir, UNIVERSAL
+            if not trusted:
+                safe_load.check_checkpoint(tag_dir / UNIVERSAL)
         with safe_load.deepspeed_weights_only(trusted):
-            loaded, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_strict=True,
+            loaded, client = engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True,
                                                     load_optimizer_states=True, load_lr_scheduler_states=False)
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {tag_dir}")
         state = TrainState(**client["train_state"])
-        rank_state = safe_load.load(rank_state_file(tag_dir, get_rank()), trusted)
+        if resharded:
+            old = [safe_load.load(rank_state_file(tag_dir, r), trusted) for r in range(marker["world_size"])]
+            rank_state = {"rng": old[rank]["rng"] if rank < len(old) else None,
+                          "data_by_rank": [o["data"] for o in old]}
+        else:
+            rank_state = safe_load.load(rank_state_file(tag_dir, rank), trusted)
         teacher = safe_load.load(tag_dir / TEACHER_FILE, trusted) if marker.get("has_teacher") else None
         return state, rank_state, teacher

@@ -54,8 +54,11 @@ def load_ds_template(name_or_path: str) -> tuple[Path, dict[str, Any]]:
     return path, data
 
 
-def build_ds_config(cfg: EngineConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config for this run: template + batch geometry, clipping and precision from ``cfg``."""
+def build_ds_config(cfg: EngineConfig, world_size: int, keep_zero: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config for this run: template + batch geometry, clipping and precision from ``cfg``.
+
+    ``keep_zero``: keep the template's ZeRO stage on one rank too (resuming a checkpoint written under ZeRO).
+    """
     path, template = load_ds_template(cfg.deepspeed.config)
     unknown = sorted(set(template) - KNOWN_KEYS)
     if unknown:
@@ -92,7 +95,7 @@ def build_ds_config(cfg: EngineConfig, world_size: int) -> dict[str, Any]:
     if precision != "bf16":
         ds.pop("bf16")
     one_rank_zero = world_size == 1 and zero_stage(ds) in (1, 2) and not offloads_optimizer(ds)
-    if one_rank_zero and not cfg.deepspeed.zero_on_one_rank:
+    if one_rank_zero and not (cfg.deepspeed.zero_on_one_rank or keep_zero):
         ds["zero_optimization"] = {"stage": 0}  # nothing to partition; see DeepSpeedSection
     return ds
 

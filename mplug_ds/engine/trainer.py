@@ -165,12 +165,28 @@ class Trainer:
             self.recipe.load_extra_state(extra)
         except RuntimeError as err:
             raise RuntimeError(f"{tag_dir}: {err}") from None
-        self.stream.load_state_dict(rank_state["data"])
+        if "data_by_rank" in rank_state:  # written by another number of ranks
+            if not hasattr(self.stream, "load_resharded"):
+                raise RuntimeError(f"{tag_dir} was written by {len(rank_state['data_by_rank'])} ranks and this run's "
+                                   f"data stream ({type(self.stream).__name__}) cannot re-split its position; resume "
+                                   "on the same number of ranks")
+            try:
+                self.stream.load_resharded(rank_state["data_by_rank"])
+            except ValueError as err:
+                raise RuntimeError(f"{tag_dir}: {err}") from None
+        else:
+            self.stream.load_state_dict(rank_state["data"])
         data = iter(self.stream)
-        set_rng_state(rank_state["rng"])  # last: creating the data iterator may draw from the generators
+        # Last: creating the data iterator may draw from the generators. A rank the checkpoint did not have starts
+        # generators of its own, derived from (seed, rank, step) so the resumed run is reproducible.
+        if rank_state["rng"] is not None:
+            set_rng_state(rank_state["rng"])
+        else:
+            seed_everything(self.cfg.run.seed + 1000 * self.world.rank + 1 + 7919 * state.step)
         self.last_checkpoint = tag_dir
         dropped = self.logger.drop_steps_after(state.step)
-        self.logger.event("resume", checkpoint=str(tag_dir), superseded_records=dropped, **dataclasses.asdict(state))
+        self.logger.event("resume", checkpoint=str(tag_dir), superseded_records=dropped, world_size=self.world.world_size,
+                          grad_accum_steps=self.cfg.batch.grad_accum_steps, **dataclasses.asdict(state))
         self.logger.info(f"resumed from {tag_dir} at step {state.step} ({state.samples_seen} samples seen)")
         return data
 

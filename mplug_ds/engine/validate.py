@@ -14,8 +14,8 @@ from mplug_ds.config import ConfigError
 from mplug_ds.data.pipeline import check_config, check_shard_files
 from mplug_ds.data.region_streams import region_pipeline_config
 from mplug_ds.data.streams import pipeline_config
-from mplug_ds.engine.checkpoint import resolve_resume
-from mplug_ds.engine.ds_config import build_ds_config
+from mplug_ds.engine.checkpoint import CheckpointLayout, checkpoint_layout, resolve_resume
+from mplug_ds.engine.ds_config import build_ds_config, zero_stage
 from mplug_ds.engine.logging import check_report_to
 from mplug_ds.engine.train_config import EngineConfig, TrainConfig
 from mplug_ds.models.config import ModelConfig, load_model_config
@@ -99,8 +99,49 @@ def check_resume(cfg: EngineConfig) -> None:
         raise ConfigError(f"run.resume: {err}{hint}") from None
 
 
+def resume_layout(cfg: EngineConfig) -> CheckpointLayout | None:
+    """The layout of the checkpoint ``run.resume`` will load (``None`` for a fresh start)."""
+    try:
+        tag_dir = resolve_resume(cfg.run.resume, cfg.checkpoint_dir)
+    except FileNotFoundError:
+        return None  # reported by check_resume
+    return checkpoint_layout(tag_dir) if tag_dir is not None else None
+
+
+def keep_global_batch(cfg: EngineConfig, source: CheckpointLayout, world_size: int) -> None:
+    """Resuming on another number of ranks keeps the checkpoint's global batch (accumulation is re-derived) unless
+    ``batch.global_batch_size`` is set."""
+    b = cfg.batch
+    if b.global_batch_size is not None or source.global_batch is None:
+        return
+    per_step = b.micro_batch_per_gpu * world_size
+    if source.global_batch % per_step:
+        raise ConfigError(
+            f"run.resume: the checkpoint was written by {source.world_size} ranks with a global batch of "
+            f"{source.global_batch} samples, which batch.micro_batch_per_gpu={b.micro_batch_per_gpu} × {world_size} "
+            f"ranks = {per_step} does not divide; choose a micro-batch that divides it over {world_size} ranks, or "
+            "set batch.global_batch_size to change the global batch")
+    b.global_batch_size = source.global_batch
+
+
 def validate_engine(cfg: EngineConfig, world_size: int) -> ResolvedEngine:
-    """Validate the sections every run shares; fills derived values (accumulation steps) into ``cfg``."""
+    """Validate the sections every run shares; fills derived values (accumulation steps) into ``cfg``.
+
+    A resume on another number of ranks than the checkpoint's keeps its global batch and ZeRO stage and loads it as a
+    DeepSpeed universal checkpoint (``checkpoint.load_universal``).
+    """
+    check_resume(cfg)
+    source = resume_layout(cfg)
+    resharded = source is not None and source.world_size != world_size
+    if resharded:
+        if source.zero_stage == 0:
+            raise ConfigError(
+                f"run.resume: the checkpoint was written by {source.world_size} rank(s) without ZeRO (stage 0, the "
+                f"default on one rank) and this run has {world_size} ranks; DeepSpeed's universal checkpoint needs "
+                f"ZeRO's partitioned optimizer files. Resume it on {source.world_size} rank(s), or export the weights "
+                "(tools/export_checkpoint.py) and start from them with model.init_from; one-rank runs that may grow "
+                "later should set deepspeed.zero_on_one_rank=true")
+        keep_global_batch(cfg, source, world_size)
     resolve_batch(cfg, world_size)
     s = cfg.schedule
     if s.total_steps < 1:
@@ -127,14 +168,20 @@ def validate_engine(cfg: EngineConfig, world_size: int) -> ResolvedEngine:
             raise ConfigError(f"{key} must be >= 1, got {value}")
     _number("run.collective_timeout_s", cfg.run.collective_timeout_s, minimum=0.0, inclusive=False)
     check_output_dir(cfg.output_dir)
-    check_resume(cfg)
     if cfg.run.cpu_threads < 0:
         raise ConfigError(f"run.cpu_threads must be >= 0 (0: torch's default), got {cfg.run.cpu_threads}")
     if cfg.deepspeed.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("deepspeed.precision=fp16 needs a CUDA device (DeepSpeed has no fp16 on CPU); "
                           "use bf16 or fp32")
     report_to = check_report_to(cfg.logging.report_to)
-    return ResolvedEngine(ds_config=build_ds_config(cfg, world_size), report_to=report_to)
+    ds_config = build_ds_config(cfg, world_size, keep_zero=source is not None and source.zero_stage > 0)
+    if resharded:
+        if zero_stage(ds_config) == 0:
+            raise ConfigError(f"run.resume: the checkpoint was written under ZeRO-{source.zero_stage} by "
+                              f"{source.world_size} ranks; resuming it on {world_size} needs a ZeRO config "
+                              "(deepspeed.config=zero1/zero2/zero3)")
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+    return ResolvedEngine(ds_config=ds_config, report_to=report_to)
 
 
 def validate(cfg: TrainConfig, world_size: int) -> ResolvedRun:
