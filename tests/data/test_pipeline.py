@@ -277,3 +277,43 @@ def test_benchmark_data_cli_reports_rates():
     out = run_checked([sys.executable, REPO / "tools" / "benchmark_data.py", "--workers", "1", "--batches", "2",
                        "--batch-size", "4", "--res", "32"], 120)
     assert "images/s total" in out and "per worker" in out
+
+
+def test_positions_saved_by_two_ranks_continue_on_one(tmp_path):
+    """Resampled: the next epoch starts on the new layout, deterministically, with every old rank's skip counts on
+    rank 0. Non-resampled: inside an epoch it is refused; at an epoch boundary the epoch is read once, whole."""
+    pattern, keys = write_caption_shards(tmp_path, "cc", n_shards=4, per_shard=4)
+    write_shard(tmp_path / "cc-000004.tar", [caption_sample(f"x{i}", seed=99 + i) for i in range(4)],
+                corrupt_jpeg={"x1"})
+    cfg = data_config([{"name": "cc", "shards": f"{tmp_path}/cc-{{000000..000004}}.tar"},
+                       {"name": "x", "shards": str(tmp_path / "cc-000004.tar"), "weight": 4.0}],
+                      batch_size=2, num_workers=1, epoch_samples=40)
+    states = []
+    for rank in range(2):
+        loader = build_loader(cfg, rank=rank, world_size=2)
+        for _, _ in zip(range(4), loader):
+            pass
+        states.append(loader.state_dict())
+    skipped = sum(s["errors"]["corrupt_samples"] for s in states)
+    assert skipped > 0
+    first, again = (build_loader(cfg, rank=0, world_size=1) for _ in range(2))
+    for loader in (first, again):
+        loader.load_resharded(states)
+    assert first.epoch == 1 and first.errors.corrupt_samples == skipped
+    assert [b["keys"] for _, b in zip(range(3), first)] == [b["keys"] for _, b in zip(range(3), again)]
+
+    plain = data_config([{"name": "cc", "shards": pattern}], batch_size=2, num_workers=1,
+                        resampled=False, drop_last=False)
+    inside = []
+    for rank in range(2):
+        loader = build_loader(plain, rank=rank, world_size=2)
+        next(iter(loader))
+        inside.append(loader.state_dict())
+    with pytest.raises(ValueError, match="inside epoch 0 of a non-resampled stream.*resampled=true"):
+        build_loader(plain, rank=0, world_size=1).load_resharded(inside)
+    boundary = [build_loader(plain, rank=rank, world_size=2) for rank in range(2)]
+    for loader in boundary:
+        list(loader)  # a whole epoch: the position is the start of epoch 1
+    resumed = build_loader(plain, rank=0, world_size=1)
+    resumed.load_resharded([loader.state_dict() for loader in boundary])
+    assert resumed.epoch == 1 and sorted(k for b in resumed for k in b["keys"]) == sorted(keys)

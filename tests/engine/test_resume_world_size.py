@@ -120,3 +120,17 @@ def test_a_global_batch_that_cannot_divide_over_the_new_ranks_fails_before_train
                                                f"run.output_dir={tmp_path}", f"run.resume={out}"])
     with pytest.raises(ConfigError, match=f"global batch of {GLOBAL_BATCH} samples.*does not divide"):
         validate(cfg, 1)
+
+
+def test_a_one_rank_checkpoint_without_zero_cannot_grow_and_says_how(world, tmp_path):
+    """One rank uses ZeRO stage 0 by default: its checkpoint has no partitioned optimizer files to convert."""
+    overrides = [*COMMON[2:], "schedule.total_steps=1", f"run.output_dir={tmp_path}"]
+    cfg = load_train_config("synthetic_tiny", overrides)
+    resolved = validate(cfg, world.world_size)
+    assert resolved.ds_config["zero_optimization"]["stage"] == 0
+    Trainer(cfg, resolved, world, partial(PretrainRecipe, cfg, resolved)).train()
+    grow = load_train_config("synthetic_tiny", overrides + ["schedule.total_steps=2", "run.resume=auto"])
+    with pytest.raises(ConfigError, match="without ZeRO.*deepspeed.zero_on_one_rank=true"):
+        validate(grow, 2)
+    again = load_train_config("synthetic_tiny", overrides + ["schedule.total_steps=2", "run.resume=auto"])
+    assert validate(again, 1).ds_config["zero_optimization"]["stage"] == 0  # same world size: resumes as before
