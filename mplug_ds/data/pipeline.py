@@ -3,6 +3,7 @@ saveable position; samples are read by ``reading``, prepared and batched by ``co
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -32,6 +33,48 @@ class StreamPosition:
     batches: int = 0  # batches produced
 
 
+@dataclass(frozen=True)
+class Lane:
+    """What is left of one logical stream of an epoch, read on another number of ranks.
+
+    The stream is the one (rank, world_size, worker, num_workers) of the layout that began the epoch read from raw
+    position ``start``; the lane takes every ``stride``-th of its remaining samples from ``offset``. Each sample
+    keeps the augmentation randomness it had in the old layout.
+    """
+
+    rank: int
+    world_size: int
+    worker: int
+    num_workers: int
+    start: int
+    stride: int = 1
+    offset: int = 0
+
+
+def carry_lanes(states: list[dict[str, Any]], world_size: int, num_workers: int) -> list[list[list[Lane]]]:
+    """The rest of an epoch saved by ``len(states)`` ranks, split over ``world_size`` ranks × ``num_workers``
+    logical workers: ``lanes[rank][worker]``. Every remaining sample lands in exactly one lane.
+
+    With at least as many old streams as new workers, whole streams are dealt out round-robin; with fewer, each old
+    stream is shared by striding over its remaining samples.
+    """
+    old = [Lane(rank, len(states), worker, len(state["positions"]), state["positions"][worker][0])
+           for rank, state in enumerate(states) for worker in range(len(state["positions"]))
+           if not state.get("finished")]
+    slots = world_size * num_workers
+    lanes: list[list[Lane]] = [[] for _ in range(slots)]
+    if len(old) >= slots:
+        for index, lane in enumerate(old):
+            lanes[index % slots].append(lane)
+    else:
+        for slot in range(slots):
+            lane = old[slot % len(old)] if old else None
+            if lane is not None:
+                stride = len(range(slot % len(old), slots, len(old)))
+                lanes[slot].append(dataclasses.replace(lane, stride=stride, offset=slot // len(old)))
+    return [lanes[rank * num_workers:(rank + 1) * num_workers] for rank in range(world_size)]
+
+
 def _rng(*parts: Any) -> random.Random:
     """A generator seeded from a tuple of values, identical in every process."""
     return random.Random("/".join(map(str, parts)))
@@ -47,10 +90,12 @@ class ShardStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, cfg: DataConfig, rank: int, world_size: int, epoch: int, positions: list[StreamPosition],
-                 worker_offset: int = 0, batches_per_worker: int | None = None) -> None:
+                 worker_offset: int = 0, batches_per_worker: int | None = None,
+                 lanes: list[list[Lane]] | None = None) -> None:
         super().__init__()
         self.cfg, self.rank, self.world_size, self.epoch = cfg, rank, world_size, epoch
         self.positions, self.worker_offset, self.batches_per_worker = positions, worker_offset, batches_per_worker
+        self.lanes = lanes  # this rank's lanes per logical worker when the epoch was begun by another layout
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
@@ -63,16 +108,18 @@ class ShardStream(torch.utils.data.IterableDataset):
         raw_count, batches, items = start.raw, start.batches, []
         if limit is not None and batches >= limit:
             return
-        stream = self._raw_stream(worker, num_workers, errors)
-        if cfg.train and cfg.shuffle_buffer > 1:
-            rng = _rng("buffer", cfg.seed, self.epoch, self.rank, worker)
-            stream = wds.shuffle(cfg.shuffle_buffer, cfg.shuffle_initial, rng=rng)(stream)
-        for raw in itertools.islice(stream, start.raw, None):
+        if self.lanes is None:  # (rank, worker, position in that stream, sample): the randomness of its augmentation
+            source = ((self.rank, worker, number, raw) for number, raw in
+                      enumerate(self._stream(self.rank, self.world_size, worker, num_workers, errors), start=1))
+        else:  # an epoch begun by another layout: each sample keeps its old stream's randomness
+            source = ((lane.rank, lane.worker, number, raw) for lane in self.lanes[worker]
+                      for number, raw in self._lane(lane, errors))
+        for rank, stream_worker, number, raw in itertools.islice(source, start.raw, None):
             raw_count += 1
             errors.sample_read(raw["__url__"])
             try:
-                items.append(prepare(decode_sample(raw, limits), _rng("sample", cfg.seed, self.epoch, self.rank,
-                                                                      worker, raw_count)))
+                items.append(prepare(decode_sample(raw, limits), _rng("sample", cfg.seed, self.epoch, rank,
+                                                                      stream_worker, number)))
             except (ValueError, Image.DecompressionBombError) as err:
                 errors.sample_failed(raw["__url__"], raw["__key__"], str(err))
             if len(items) == cfg.batch_size:
@@ -91,13 +138,27 @@ class ShardStream(torch.utils.data.IterableDataset):
         batch["__stream__"] = {"worker": worker, "raw": raw, "batches": batches, "errors": errors.take()}
         return batch
 
-    def _raw_stream(self, worker: int, num_workers: int, errors: DataErrors) -> Iterator[dict[str, Any]]:
-        if self.cfg.resampled:
-            return self._mixed(worker, errors)
-        return self._split(worker, num_workers, errors)
+    def _stream(self, rank: int, world_size: int, worker: int, num_workers: int,
+                errors: DataErrors) -> Iterator[dict[str, Any]]:
+        """The undecoded samples of one logical worker of one rank of a layout, shuffled."""
+        cfg = self.cfg
+        stream = self._mixed(worker, errors) if cfg.resampled else self._split(rank, world_size, worker, num_workers,
+                                                                               errors)
+        if cfg.train and cfg.shuffle_buffer > 1:
+            rng = _rng("buffer", cfg.seed, self.epoch, rank, worker)
+            stream = wds.shuffle(cfg.shuffle_buffer, cfg.shuffle_initial, rng=rng)(stream)
+        return stream
 
-    def _split(self, worker: int, num_workers: int, errors: DataErrors) -> Iterator[dict[str, Any]]:
-        for url in split_shards(self.cfg, self.epoch, self.rank, self.world_size, worker, num_workers):
+    def _lane(self, lane: Lane, errors: DataErrors) -> Iterator[tuple[int, dict[str, Any]]]:
+        """A lane's samples with their 1-based position in the old stream."""
+        stream = self._stream(lane.rank, lane.world_size, lane.worker, lane.num_workers, errors)
+        for index, raw in enumerate(itertools.islice(stream, lane.start, None)):
+            if index % lane.stride == lane.offset:
+                yield lane.start + index + 1, raw
+
+    def _split(self, rank: int, world_size: int, worker: int, num_workers: int,
+               errors: DataErrors) -> Iterator[dict[str, Any]]:
+        for url in split_shards(self.cfg, self.epoch, rank, world_size, worker, num_workers):
             yield from read_raw(url, errors)
 
     def _mixed(self, worker: int, errors: DataErrors) -> Iterator[dict[str, Any]]:
@@ -157,6 +218,7 @@ class ShardLoader:
         self.num_workers = max(1, cfg.num_workers)
         self.errors = DataErrors()
         self.epoch = 0
+        self.lanes: list[list[Lane]] | None = None  # set while finishing an epoch begun by another number of ranks
         self._reset_position()
         if not cfg.resampled:
             shards = sum(len(expand_urls(s.shards)) for s in cfg.sources)
@@ -172,6 +234,7 @@ class ShardLoader:
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch`` from its beginning at the next iteration."""
         self.epoch = epoch
+        self.lanes = None
         self._reset_position()
 
     def batches_per_worker(self) -> int | None:
@@ -206,7 +269,7 @@ class ShardLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         stream = ShardStream(self.cfg, self.rank, self.world_size, self.epoch, list(self.positions),
                              worker_offset=self.received % self.num_workers,
-                             batches_per_worker=self.batches_per_worker())
+                             batches_per_worker=self.batches_per_worker(), lanes=self.lanes)
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers)
         for batch in loader:
             meta = batch.pop("__stream__")
@@ -225,7 +288,9 @@ class ShardLoader:
         return {"epoch": self.epoch, "received": self.received, "batches": self.batches,
                 "positions": [[p.raw, p.batches] for p in self.positions], "errors": self.errors.state_dict(),
                 "num_workers": self.num_workers, "rank": self.rank, "world_size": self.world_size,
-                "seed": self.cfg.seed, "resampled": self.cfg.resampled}
+                "seed": self.cfg.seed, "resampled": self.cfg.resampled,
+                "lanes": None if self.lanes is None else [[dataclasses.asdict(lane) for lane in worker]
+                                                          for worker in self.lanes]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a position saved by ``state_dict``; the run layout must match the saved one."""
@@ -236,6 +301,8 @@ class ShardLoader:
                                  f"{name}={mine!r}; resume with the same data.{name} / world size")
         self.epoch, self.received, self.batches = state["epoch"], state["received"], state["batches"]
         self.positions = [StreamPosition(raw, batches) for raw, batches in state["positions"]]
+        lanes = state.get("lanes")
+        self.lanes = None if lanes is None else [[Lane(**lane) for lane in worker] for worker in lanes]
         self.errors = DataErrors()
         self.errors.load_state_dict(state["errors"])
 
@@ -243,23 +310,33 @@ class ShardLoader:
     def load_resharded(self, states: list[dict[str, Any]]) -> None:
         """Continue from positions saved by ``len(states)`` ranks on this loader's (different) number of ranks.
 
-        At an epoch boundary the epoch simply starts on the new layout. Inside an epoch, a resampled stream moves
-        on to the next epoch on the new layout (its shards are drawn with replacement, so no sample is owed; the
-        continuation is deterministic); a non-resampled epoch cannot be re-split exactly and is refused. Rank 0
-        carries the skipped-sample counts of every old rank.
+        At an epoch boundary the epoch simply starts on the new layout. Inside an epoch, a non-resampled stream
+        finishes that epoch exactly (``carry_lanes``: every sample the old ranks had not yet consumed is read once,
+        by one new rank, with its old augmentation randomness) and then goes on in the new layout; a resampled stream
+        moves on to the next epoch on the new layout (its shards are drawn with replacement, so no sample is owed; the
+        continuation is deterministic). Rank 0 carries the skipped-sample counts of every old rank.
         """
         for name, mine in (("seed", self.cfg.seed), ("resampled", self.cfg.resampled)):
             if states[0][name] != mine:
                 raise ValueError(f"data position was saved with {name}={states[0][name]!r} but this loader has "
                                  f"{name}={mine!r}; resume with the same data.{name}")
-        epoch = max(state["epoch"] for state in states)
-        at_boundary = all(state["epoch"] == epoch and state["received"] == 0 for state in states)
-        if not at_boundary and not self.cfg.resampled:
-            raise ValueError(
-                f"the data position was saved by {len(states)} ranks inside epoch {epoch} of a non-resampled stream "
-                f"and this run has {self.world_size} ranks: the rest of that epoch cannot be re-split without "
-                f"repeating or skipping samples. Resume on {len(states)} ranks, or use data.pipeline.resampled=true")
-        self.set_epoch(epoch if at_boundary else epoch + 1)
+        epochs = sorted({state["epoch"] for state in states})
+        if len(epochs) == 1 and all(state["received"] == 0 for state in states):  # an epoch boundary
+            self.set_epoch(epochs[0])
+        elif self.cfg.resampled:
+            self.set_epoch(epochs[-1] + 1)
+        else:
+            epoch = epochs[0]
+            finished = [state["epoch"] > epoch for state in states]  # these ranks read all of their share
+            if any(state["epoch"] > epoch + 1 or (done and state["received"]) for state, done in zip(states, finished)):
+                raise ValueError(f"the data positions saved by {len(states)} ranks lie in different epochs "
+                                 f"({epochs}); resume on {len(states)} ranks")
+            if any(state.get("lanes") is not None for state in states):
+                raise ValueError("the data position was saved while finishing an epoch begun by another number of "
+                                 f"ranks; resume on {len(states)} ranks until epoch {epoch + 1} begins")
+            self.set_epoch(epoch)
+            marked = [{**state, "finished": done} for state, done in zip(states, finished)]
+            self.lanes = carry_lanes(marked, self.world_size, self.num_workers)[self.rank]
         self.errors = DataErrors()
         if self.rank == 0:
             for state in states:

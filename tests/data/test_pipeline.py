@@ -281,7 +281,7 @@ def test_benchmark_data_cli_reports_rates():
 
 def test_positions_saved_by_two_ranks_continue_on_one(tmp_path):
     """Resampled: the next epoch starts on the new layout, deterministically, with every old rank's skip counts on
-    rank 0. Non-resampled: inside an epoch it is refused; at an epoch boundary the epoch is read once, whole."""
+    rank 0."""
     pattern, keys = write_caption_shards(tmp_path, "cc", n_shards=4, per_shard=4)
     write_shard(tmp_path / "cc-000004.tar", [caption_sample(f"x{i}", seed=99 + i) for i in range(4)],
                 corrupt_jpeg={"x1"})
@@ -302,18 +302,56 @@ def test_positions_saved_by_two_ranks_continue_on_one(tmp_path):
     assert first.epoch == 1 and first.errors.corrupt_samples == skipped
     assert [b["keys"] for _, b in zip(range(3), first)] == [b["keys"] for _, b in zip(range(3), again)]
 
-    plain = data_config([{"name": "cc", "shards": pattern}], batch_size=2, num_workers=1,
-                        resampled=False, drop_last=False)
-    inside = []
-    for rank in range(2):
-        loader = build_loader(plain, rank=rank, world_size=2)
-        next(iter(loader))
-        inside.append(loader.state_dict())
-    with pytest.raises(ValueError, match="inside epoch 0 of a non-resampled stream.*resampled=true"):
-        build_loader(plain, rank=0, world_size=1).load_resharded(inside)
-    boundary = [build_loader(plain, rank=rank, world_size=2) for rank in range(2)]
-    for loader in boundary:
+
+
+def _rows(batches):
+    """key -> image of every sample in ``batches``."""
+    return {key: batch["image"][i] for batch in batches for i, key in enumerate(batch["keys"])}
+
+
+@pytest.mark.parametrize("old_ranks,new_ranks", [(2, 1), (1, 2)])
+def test_non_resampled_epoch_finishes_exactly_on_another_number_of_ranks(tmp_path, old_ranks, new_ranks):
+    """Every sample of the interrupted epoch is read exactly once, with the augmentation it would have had, whether
+    the old streams are dealt out whole (2 -> 1) or shared by striding (1 -> 2); a position saved while finishing the
+    carried epoch restores on the same number of ranks."""
+    pattern, keys = write_caption_shards(tmp_path, "cc", n_shards=8, per_shard=5)
+    cfg = data_config([{"name": "cc", "shards": pattern}], resampled=False, batch_size=2, num_workers=2,
+                      drop_last=False)
+    reference = {}
+    for rank in range(old_ranks):
+        reference |= _rows(list(build_loader(cfg, rank=rank, world_size=old_ranks)))
+    assert sorted(reference) == sorted(keys)
+
+    seen, states = [], []
+    for rank in range(old_ranks):
+        loader = build_loader(cfg, rank=rank, world_size=old_ranks)
+        seen += [k for _, b in zip(range(3), loader) for k in b["keys"]]
+        states.append(loader.state_dict())
+    rest = {}
+    for rank in range(new_ranks):
+        loader = build_loader(cfg, rank=rank, world_size=new_ranks)
+        loader.load_resharded(states)
+        batches = [b for _, b in zip(range(2), loader)]
+        restored = build_loader(cfg, rank=rank, world_size=new_ranks)
+        restored.load_state_dict(loader.state_dict())  # a checkpoint taken while finishing the carried epoch
+        batches += list(restored)
+        assert restored.epoch == 1
+        for key, image in _rows(batches).items():
+            assert key not in rest, f"{key} read twice"
+            rest[key] = image
+    assert sorted(seen + list(rest)) == sorted(keys)  # nothing repeated, nothing skipped
+    for key, image in rest.items():
+        assert torch.equal(image, reference[key]), key
+
+
+def test_non_resampled_positions_at_an_epoch_boundary_start_that_epoch(tmp_path):
+    pattern, keys = write_caption_shards(tmp_path, "cc", n_shards=4, per_shard=3)
+    cfg = data_config([{"name": "cc", "shards": pattern}], resampled=False, batch_size=2, num_workers=1,
+                      drop_last=False)
+    old = [build_loader(cfg, rank=rank, world_size=2) for rank in range(2)]
+    for loader in old:
         list(loader)  # a whole epoch: the position is the start of epoch 1
-    resumed = build_loader(plain, rank=0, world_size=1)
-    resumed.load_resharded([loader.state_dict() for loader in boundary])
-    assert resumed.epoch == 1 and sorted(k for b in resumed for k in b["keys"]) == sorted(keys)
+    resumed = build_loader(cfg, rank=0, world_size=1)
+    resumed.load_resharded([loader.state_dict() for loader in old])
+    assert resumed.epoch == 1 and resumed.lanes is None
+    assert sorted(k for b in resumed for k in b["keys"]) == sorted(keys)
