@@ -32,9 +32,12 @@ def check_rendezvous_port(world: WorldInfo) -> None:
 
     Rank 0 hosts the rendezvous store on that port; without this check a second job on a busy port fails only
     after its ranks have started (or its other ranks wait on the first job's store). Under torchrun the agent
-    already holds the port for the ranks, so nothing is checked there.
+    already holds the port for the ranks, and a process already in a process group holds it itself: nothing is
+    checked there.
     """
-    if world.rank != 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+    import torch.distributed as dist
+
+    if world.rank != 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" or dist.is_initialized():
         return
     port = int(os.environ.get("MASTER_PORT", "0"))
     if not port:
