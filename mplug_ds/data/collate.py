@@ -99,7 +99,7 @@ class Preparer:
             raise ValueError("grounding sample needs texts[0] (expression) and boxes[0]")
         original = _image(sample)
         image, box, text = grounding_transform(original, sample.boxes[0], sample.texts[0],
-                                               self.cfg.image_res, self.cfg.train, rng)
+                                               self.cfg.image_res, self.cfg.train, rng, self.cfg.augment)
         return {"key": sample.key, "image": image, "box": box, "text": pre_caption(text, self.cfg.max_words),
                 "gt_box": list(sample.boxes[0]), "image_size": (original.width, original.height),
                 "split": sample.split}

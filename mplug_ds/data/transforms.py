@@ -43,7 +43,7 @@ def pre_question(text: str, max_words: int = 50) -> str:
     return " ".join(text.split(" ")[:max_words])
 
 
-_LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+_LEFT_RIGHT = re.compile(r"\b(left|right)(?=(?:most)?\b)", re.IGNORECASE)  # also leftmost/rightmost
 
 
 def swap_left_right(text: str) -> str:
@@ -219,20 +219,23 @@ def resize_and_pad(img: Image.Image, box: Box, res: int, long_side: int,
 
 
 def grounding_transform(img: Image.Image, box: Box, text: str, res: int, train: bool,
-                        rng: random.Random | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
+                        rng: random.Random | None = None,
+                        augment: bool = True) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Grounding (REC) image, box and text, TransVG-style.
 
-    Train: flip (p 0.5, 'left'/'right' swapped in the text); colour RandAugment; long side resized to
-    res·(1 − k/20), k ~ U{0..6}; pad to res×res at a random offset. Test: long side = res, centred.
-    Returns (normalised image, box (cx, cy, w, h) in [0, 1] of the padded side, text).
+    Train: flip (p 0.5, 'left'/'right' swapped in the text) and colour RandAugment unless ``augment=False``
+    (expressions that name colours); long side resized to res·(1 − k/20), k ~ U{0..6}; pad to res×res at a random
+    offset. Test: long side = res, centred. Returns (normalised image, box (cx, cy, w, h) in [0, 1] of the padded
+    side, text).
     """
     if train:
         if rng is None:
             raise ValueError("grounding_transform(train=True) needs an rng")
-        if rng.random() < 0.5:
+        if augment and rng.random() < 0.5:
             img, (box,) = TF.hflip(img), hflip_boxes([box], img.width)
             text = swap_left_right(text)
-        img = RandAugment(ops=COLOUR_OPS)(img, rng)
+        if augment:
+            img = RandAugment(ops=COLOUR_OPS)(img, rng)
         img, box = resize_and_pad(img, box, res, round(res * (1 - rng.randint(0, 6) / 20)), rng)
     else:
         img, box = resize_and_pad(img, box, res, res)

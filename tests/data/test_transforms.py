@@ -163,9 +163,22 @@ def test_grounding_train_flip_moves_box_and_swaps_words():
     assert seen == {True, False}
 
 
+def test_grounding_train_without_augment_keeps_colours_and_sides():
+    img = np.zeros((100, 200, 3), dtype=np.uint8)
+    img[20:60, 10:70] = (230, 200, 20)  # a yellow box on the left: "yellow" and "leftmost" must stay true
+    for seed in range(8):
+        tensor, box, text = grounding_transform(Image.fromarray(img), [10, 20, 70, 60], "the leftmost yellow cup",
+                                                128, train=True, rng=random.Random(seed), augment=False)
+        assert text == "the leftmost yellow cup" and box[0] < 0.5
+        rgb = tensor * torch.tensor(CLIP_STD)[:, None, None] + torch.tensor(CLIP_MEAN)[:, None, None]
+        x, y = int(box[0] * 128), int(box[1] * 128)
+        assert torch.allclose(rgb[:, y, x], torch.tensor([230, 200, 20]) / 255, atol=0.02)
+
+
 def test_text_normalisation():
     assert pre_caption("A Dog-on the  red/blue Couch!!  (really)", 30) == "a dog on the red blue couch really"
     assert pre_caption("<person> rides a horse.", 30) == "person rides a horse"
     assert pre_caption("one two three four", 2) == "one two"
     assert pre_question("What's the dog lying on?  ") == "whats the dog lying on"
     assert swap_left_right("Left of the right cup, leftover") == "Right of the left cup, leftover"
+    assert swap_left_right("the leftmost cup, Rightmost plate") == "the rightmost cup, Leftmost plate"
