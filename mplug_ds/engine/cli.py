@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-import torch
 
 from mplug_ds.config import ConfigError, config_keys, format_config_keys
 from mplug_ds.engine.data_health import format_skipped
@@ -16,7 +15,8 @@ from mplug_ds.engine.train_config import TrainConfig, load_train_config
 from mplug_ds.engine.validate import ResolvedRun, validate
 from mplug_ds.models.config import ModelConfig
 from mplug_ds.runtime.failure import exit_hard_on_failure, hard_exit
-from mplug_ds.runtime.launch_env import PortInUseError, WorldInfo, check_rendezvous_port, prepare_world_env
+from mplug_ds.runtime.launch_env import (PortInUseError, WorldInfo, check_rendezvous_port, limit_cpu_threads,
+                                         prepare_world_env)
 
 if TYPE_CHECKING:
     from mplug_ds.engine.trainer import RunSummary
@@ -112,8 +112,7 @@ def run(cfg: TrainConfig, resolved: ResolvedRun, world: WorldInfo) -> int:
     from mplug_ds.engine.trainer import Trainer
     from mplug_ds.objectives.timix_recipe import pretrain_recipe
 
-    if cfg.run.cpu_threads and not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(cfg.run.cpu_threads)
+    limit_cpu_threads(cfg.run.cpu_threads)
     with exit_hard_on_failure(world.rank):
         summary = Trainer(cfg, resolved, world, pretrain_recipe(cfg, resolved)).train()
     if world.rank == 0:

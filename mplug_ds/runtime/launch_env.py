@@ -94,3 +94,12 @@ def release_cpu_comm_segment(rank: int) -> None:
         os.unlink(os.path.join("/dev/shm", name))
     except FileNotFoundError:
         pass
+
+
+def limit_cpu_threads(threads: int) -> None:
+    """Use ``threads`` intra-op threads on a CPU-only machine (``run.cpu_threads``; 0 or ``OMP_NUM_THREADS`` set:
+    torch's default). Spin-waiting BLAS threads slow down many-fold when other work shares the cores."""
+    import torch
+
+    if threads and not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(threads)

@@ -18,7 +18,8 @@ from mplug_ds.engine.cli import add_run_arguments, run_overrides
 from mplug_ds.engine.validate import validate_engine
 from mplug_ds.models.config import ModelConfig, load_model_config
 from mplug_ds.runtime.failure import exit_hard_on_failure
-from mplug_ds.runtime.launch_env import PortInUseError, WorldInfo, check_rendezvous_port, prepare_world_env
+from mplug_ds.runtime.launch_env import (PortInUseError, WorldInfo, check_rendezvous_port, limit_cpu_threads,
+                                         prepare_world_env)
 from mplug_ds.tasks import TASKS, build_task
 from mplug_ds.tasks.checks import check_task_shards
 from mplug_ds.tasks.finetune_config import FinetuneConfig, load_finetune_config
@@ -169,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
         resolved = validate_task(cfg, world.world_size)
+        limit_cpu_threads(cfg.run.cpu_threads)
         if args.evaluate and not cfg.task.pretrained and cfg.data.source != "demo":
             raise ConfigError("--evaluate needs --pretrained (the weights to evaluate)")
         if args.evaluate and cfg.task.pretrained:
