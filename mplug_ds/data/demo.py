@@ -434,13 +434,22 @@ def _write_nlvr2(root: Path, scenes: list[Scene], rng: random.Random) -> None:
 
 
 def _hypotheses(rng: random.Random, scene: Scene) -> dict[str, str]:
+    """One hypothesis per label. Entailment and contradiction share one template per image (a colour claim about a
+    shape that is there, or a claim that a shape of some colour is there), true or false, so only the image tells
+    them apart; neutral claims what no picture shows."""
     group = rng.choice(scene.groups)
-    absent = [k for k in SHAPES if scene.group_of(k) is None]
-    wrong_color = rng.choice([c for c in COLORS if c != group.color])
+    if rng.random() < 0.5:
+        other = rng.choice([c for c in COLORS if c != group.color])
+        subject = f"The {group.kind}s are" if group.count > 1 else f"The {group.kind} is"
+        true, false = f"{subject} {group.color}.", f"{subject} {other}."
+    else:
+        facts = {(g.color, g.kind) for g in scene.groups}
+        color, kind = rng.choice([(c, k) for c in COLORS for k in SHAPES if (c, k) not in facts])
+        true, false = (f"There is a {group.color} {group.kind} in the picture.",
+                       f"There is a {color} {kind} in the picture.")
     return {
-        "entailment": f"There {'are' if group.count > 1 else 'is'} {group.phrase()} in the picture.",
-        "contradiction": rng.choice([f"The {group.kind} is {wrong_color}.",
-                                     f"There is a {rng.choice(absent)} in the picture."]),
+        "entailment": true,
+        "contradiction": false,
         "neutral": rng.choice([f"The {group.kind}s were drawn by a child.",
                                f"Someone is about to paint another {group.kind}.",
                                "The picture is part of a school project."]),

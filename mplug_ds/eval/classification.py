@@ -1,8 +1,8 @@
-"""Classification metric (NLVR2, SNLI-VE): accuracy overall and per split, and the majority-class baseline."""
+"""Classification metric (NLVR2, SNLI-VE): accuracy overall and per split, the majority-class and text-only baselines."""
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 
 def classification_accuracy(predictions: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -29,3 +29,14 @@ def majority_baseline(predictions: Sequence[dict[str, Any]]) -> dict[str, float]
         return {}
     counts = Counter(p["label"] for p in predictions)
     return {"acc": max(counts.values()) / len(predictions)}
+
+
+def text_only_baseline(predictions: Sequence[dict[str, Any]], label_of_text: Mapping[str, int],
+                       fallback: int | None) -> dict[str, float]:
+    """Accuracy of answering each prediction's ``text`` with its most frequent training label (``fallback``, the
+    most frequent training label, for texts never seen in training): what a model that ignores the images reaches
+    (``text_only``). Empty without training labels."""
+    if not predictions or fallback is None:
+        return {}
+    hits = sum(label_of_text.get(p["text"], fallback) == p["label"] for p in predictions)
+    return {"text_only": hits / len(predictions)}

@@ -1,5 +1,6 @@
 """What the classification tasks (NLVR2, SNLI-VE) share: an MLP head on fused [CLS] states, cross-entropy
-training, and exact evaluation by accuracy (overall and per split) beside the majority-class baseline.
+training, and exact evaluation by accuracy (overall and per split) beside the majority-class baseline and a
+text-only one (each text answered with its most frequent training label).
 
 mPLUG released no heads for these tasks (architecture doc §7.5); ours are described in ``docs/tasks.md``.
 """
@@ -8,21 +9,38 @@ from __future__ import annotations
 import dataclasses
 import random
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar, Mapping
+from collections import Counter, defaultdict
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mplug_ds.data.collate import Preparer
-from mplug_ds.data.data_config import DataConfig
+from mplug_ds.data.data_config import DataConfig, SourceConfig
 from mplug_ds.data.sample import Sample
-from mplug_ds.eval.classification import classification_accuracy, majority_baseline
+from mplug_ds.data.transforms import pre_caption
+from mplug_ds.eval.classification import classification_accuracy, majority_baseline, text_only_baseline
 from mplug_ds.eval.distributed import gather_to_rank0, lockstep_batches, merge_predictions
 from mplug_ds.models.mplug import MPLUG
 from mplug_ds.tasks.base import EvalResult, EvalSamples, FinetuneTask
+from mplug_ds.tasks.train_stats import on_rank0, training_annotations
 
 Batch = dict[str, torch.Tensor]
+
+
+def training_label_of_text(sources: Sequence[SourceConfig], limit: int, max_words: int
+                           ) -> tuple[dict[str, int], int | None]:
+    """The most frequent label of each (normalised) training text among up to ``limit`` training samples, and the
+    most frequent label overall (``None`` when no training label is readable)."""
+    per_text: dict[str, Counter[int]] = defaultdict(Counter)
+    overall: Counter[int] = Counter()
+    for sample in training_annotations(sources, limit):
+        if sample.texts and sample.label is not None:
+            per_text[pre_caption(sample.texts[0], max_words)][int(sample.label)] += 1
+            overall[int(sample.label)] += 1
+    fallback = overall.most_common(1)[0][0] if overall else None
+    return {text: counts.most_common(1)[0][0] for text, counts in per_text.items()}, fallback
 
 
 class ClassifierHead(nn.Module):
@@ -71,11 +89,15 @@ class ClassificationTask(FinetuneTask):
     def format_metric(self, metrics: Mapping[str, float], baseline: Mapping[str, float]) -> str:
         acc, best = metrics.get("acc", float("nan")), baseline.get("acc", float("nan"))
         ratio = f" = {acc / best:.2f}×" if best > 0 else ""
-        return f"acc: {acc:.4f} vs majority class {best:.4f}{ratio} (chance {1 / len(self.label_names):.4f})"
+        text_only = f", text only {baseline['text_only']:.4f}" if "text_only" in baseline else ""
+        return (f"acc: {acc:.4f} vs majority class {best:.4f}{ratio} (chance {1 / len(self.label_names):.4f}"
+                f"{text_only})")
 
     @torch.no_grad()
     def evaluate(self, module: nn.Module, samples: EvalSamples, data: DataConfig, batch_size: int,
                  device: torch.device) -> EvalResult:
+        label_of_text, fallback = on_rank0(
+            lambda: training_label_of_text(data.sources, self.cfg.train_scan_samples, data.max_words))
         prepare = Preparer(dataclasses.replace(data, task=self.sample_task, train=False))
         items = [prepare(sample, random.Random(0)) | {"index": index, "split": sample.split}
                  for index, sample in samples]
@@ -93,5 +115,6 @@ class ClassificationTask(FinetuneTask):
         if gathered is None:
             return EvalResult()
         merged = merge_predictions(gathered)
-        return EvalResult(metrics=classification_accuracy(merged), baseline=majority_baseline(merged),
+        baseline = majority_baseline(merged) | text_only_baseline(merged, label_of_text, fallback)
+        return EvalResult(metrics=classification_accuracy(merged), baseline=baseline,
                           results=merged)

@@ -54,7 +54,7 @@ def config_help() -> str:
             "grounding: loss_weighting; retrieval: queue_size, momentum, alpha, itm_weight, k_test; vqa: mode, "
             "num_beams, min_length, max_length, length_penalty, answer_list, answer_list_size, k_test, "
             "train_scan_samples; caption: num_beams, min_length, max_length, length_penalty, no_repeat_ngram, spice, "
-            "train_scan_samples):\n"
+            "train_scan_samples; nlvr2, ve: train_scan_samples):\n"
             + format_config_keys(keys))
 
 

@@ -19,7 +19,9 @@ from mplug_ds.tasks.classification import Batch, ClassificationModel, Classifica
 
 @dataclass
 class NLVR2Config:
-    """NLVR2 has no options (the head's width is the text width)."""
+    """Options of NLVR2 (the head's width is the text width)."""
+
+    train_scan_samples: int = 100_000  # training samples read for the text-only baseline (labels only, no images)
 
 
 class NLVR2Model(ClassificationModel):

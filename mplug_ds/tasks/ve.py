@@ -14,7 +14,9 @@ from mplug_ds.tasks.classification import Batch, ClassificationModel, Classifica
 
 @dataclass
 class VEConfig:
-    """SNLI-VE has no options (the head's width is the text width)."""
+    """Options of SNLI-VE (the head's width is the text width)."""
+
+    train_scan_samples: int = 100_000  # training samples read for the text-only baseline (labels only, no images)
 
 
 class VEModel(ClassificationModel):

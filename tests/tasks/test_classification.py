@@ -8,7 +8,7 @@ import torch
 from mplug_ds.data.formats import ReaderArgs, read_format
 from mplug_ds.data.formats.common import Skip
 from mplug_ds.data.tokenizer import get_tokenizer
-from mplug_ds.eval.classification import classification_accuracy, majority_baseline
+from mplug_ds.eval.classification import classification_accuracy, majority_baseline, text_only_baseline
 from mplug_ds.models.mplug import build_model
 from mplug_ds.tasks import build_task
 from mplug_ds.tasks.cli import EXIT_CONFIG_ERROR, main
@@ -115,10 +115,21 @@ def test_evaluation_on_two_ranks_equals_one_rank_on_an_odd_set(tmp_path, task):
     one = json.loads((tmp_path / "evaluated" / "eval" / "evaluate.json").read_text())
     assert one["metrics"] == two["metrics"] and one["metrics"]["num_samples"] == 7
     assert {"acc/dev", "acc/test"} <= set(one["metrics"])
-    assert one["baseline"] == two["baseline"] == {"acc": pytest.approx((4 if task == "nlvr2" else 3) / 7)}
+    assert one["baseline"] == two["baseline"]
+    assert one["baseline"]["acc"] == pytest.approx((4 if task == "nlvr2" else 3) / 7)
+    assert 0 <= one["baseline"]["text_only"] <= 1  # from the training shards' labels
     assert [p["index"] for p in two["results"]] == list(range(7))
     assert [p["pred"] for p in one["results"]] == [p["pred"] for p in two["results"]]
     for p_one, p_two in zip(one["results"], two["results"]):  # the trained head was loaded, not re-initialised
         assert p_one["probs"] == pytest.approx(p_two["probs"], abs=1e-5)
     names = build_task(task).label_names
     assert [p["truth"] for p in two["results"]] == [names[i % len(names)] for i in range(7)]
+
+
+def test_text_only_baseline_answers_each_text_with_its_training_label():
+    predictions = [{"text": "the circle is red", "label": 2}, {"text": "the circle is red", "label": 0},
+                   {"text": "a child drew it", "label": 1}, {"text": "never seen", "label": 0},
+                   {"text": "never seen", "label": 2}]
+    label_of_text = {"the circle is red": 2, "a child drew it": 1}
+    assert text_only_baseline(predictions, label_of_text, fallback=0) == {"text_only": 3 / 5}
+    assert text_only_baseline(predictions, label_of_text, fallback=None) == {}
