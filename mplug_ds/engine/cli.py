@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -15,14 +13,13 @@ from mplug_ds.engine.train_config import TrainConfig, load_train_config
 from mplug_ds.engine.validate import ResolvedRun, validate
 from mplug_ds.models.config import ModelConfig
 from mplug_ds.runtime.failure import exit_hard_on_failure, hard_exit
-from mplug_ds.runtime.launch_env import (PortInUseError, WorldInfo, check_rendezvous_port, limit_cpu_threads,
-                                         prepare_world_env)
+from mplug_ds.runtime.launch_env import (EXIT_PORT_IN_USE, PortInUseError, WorldInfo, limit_cpu_threads,
+                                         start_rank)
 
 if TYPE_CHECKING:
     from mplug_ds.engine.trainer import RunSummary
 
 EXIT_CONFIG_ERROR = 2
-EXIT_PORT_IN_USE = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,13 +85,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code (0 also after a SIGTERM-triggered checkpoint)."""
     args = build_parser().parse_intermixed_args(argv)
-    if args.local_rank is not None:
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    world = prepare_world_env()
-    logging.basicConfig(level=logging.INFO if world.rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     try:
-        check_rendezvous_port(world)
+        world = start_rank(args.local_rank)
     except PortInUseError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_PORT_IN_USE

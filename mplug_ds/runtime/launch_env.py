@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -103,3 +104,18 @@ def limit_cpu_threads(threads: int) -> None:
 
     if threads and not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(threads)
+
+
+EXIT_PORT_IN_USE = 3  # a launch script's exit status when its rendezvous port is taken
+
+
+def start_rank(local_rank: int | None) -> WorldInfo:
+    """What every launch script does first: honour the deepspeed launcher's ``--local_rank``, fill the world
+    (``prepare_world_env``), log at INFO on rank 0 only, and check the rendezvous port (``PortInUseError``)."""
+    if local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    world = prepare_world_env()
+    logging.basicConfig(level=logging.INFO if world.rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    check_rendezvous_port(world)
+    return world

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -18,8 +17,8 @@ from mplug_ds.engine.cli import add_run_arguments, run_overrides
 from mplug_ds.engine.validate import validate_engine
 from mplug_ds.models.config import ModelConfig, load_model_config
 from mplug_ds.runtime.failure import exit_hard_on_failure
-from mplug_ds.runtime.launch_env import (PortInUseError, WorldInfo, check_rendezvous_port, limit_cpu_threads,
-                                         prepare_world_env)
+from mplug_ds.runtime.launch_env import (EXIT_PORT_IN_USE, PortInUseError, WorldInfo, limit_cpu_threads,
+                                         start_rank)
 from mplug_ds.tasks import TASKS, build_task
 from mplug_ds.tasks.checks import check_task_shards
 from mplug_ds.tasks.finetune_config import FinetuneConfig, load_finetune_config
@@ -27,7 +26,6 @@ from mplug_ds.tasks.pretrained import EXPORT_FILE, check_pretrained, check_task_
 from mplug_ds.tasks.recipe import ResolvedTask, TaskRecipe, resolve_task_shards
 
 EXIT_CONFIG_ERROR = 2
-EXIT_PORT_IN_USE = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,13 +155,8 @@ def prepare_demo(cfg: FinetuneConfig, resolved: ResolvedTask, world: WorldInfo) 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
-    if args.local_rank is not None:
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    world = prepare_world_env()
-    logging.basicConfig(level=logging.INFO if world.rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     try:
-        check_rendezvous_port(world)
+        world = start_rank(args.local_rank)
     except PortInUseError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_PORT_IN_USE
