@@ -81,6 +81,10 @@ class ClassificationTask(FinetuneTask):
     input_keys: ClassVar[tuple[str, ...]]  # batch tensors ``logits`` reads
     collate: ClassVar[Callable[[list[dict[str, Any]], int], dict[str, Any]]]
 
+    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(options)
+        self._text_prior: tuple[dict[str, int], int | None] | None = None
+
     def missing_fields(self, sample: Sample) -> list[str]:
         # label 0 is a valid label: only an unset one is missing
         missing = [f for f in self.required_fields if f != "label" and not getattr(sample, f)]
@@ -96,8 +100,10 @@ class ClassificationTask(FinetuneTask):
     @torch.no_grad()
     def evaluate(self, module: nn.Module, samples: EvalSamples, data: DataConfig, batch_size: int,
                  device: torch.device) -> EvalResult:
-        label_of_text, fallback = on_rank0(
-            lambda: training_label_of_text(data.sources, self.cfg.train_scan_samples, data.max_words))
+        if self._text_prior is None:  # read once per run: the training labels do not change between evaluations
+            self._text_prior = on_rank0(
+                lambda: training_label_of_text(data.sources, self.cfg.train_scan_samples, data.max_words))
+        label_of_text, fallback = self._text_prior
         prepare = Preparer(dataclasses.replace(data, task=self.sample_task, train=False))
         items = [prepare(sample, random.Random(0)) | {"index": index, "split": sample.split}
                  for index, sample in samples]
