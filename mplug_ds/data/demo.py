@@ -379,34 +379,23 @@ def _write_refcoco(root: Path, scenes: list[Scene]) -> None:
         pickle.dump(refs, f, protocol=2)
 
 
-def _nlvr_statement(rng: random.Random, left: Scene, right: Scene, want: bool) -> str:
-    """A sentence about the pair whose truth value is ``want`` (re-drawn until it is)."""
-    def has(scene: Scene, color: str | None, kind: str) -> bool:
-        return any(g.kind == kind and (color is None or g.color == color) for g in scene.groups)
+def _nlvr_statements(rng: random.Random, left: Scene, right: Scene) -> tuple[str, str]:
+    """A true and a false statement about the pair from one template, so only the images tell them apart: a
+    colour-and-shape claim about the left or the right image (true: a group that image has; false: a pair of
+    colour and shape it lacks), or "Both images contain a <shape>." (false: a shape only one image has)."""
+    def facts(scene: Scene) -> set[tuple[str, str]]:
+        return {(g.color, g.kind) for g in scene.groups}
 
-    def count(scene: Scene, kind: str) -> int:
-        return sum(g.count for g in scene.groups if g.kind == kind)
-
-    for _ in range(50):
-        kind, color = rng.choice(SHAPES), rng.choice(list(COLORS))
-        pick = rng.randrange(4)
-        if pick == 0:
-            text, truth = f"Both images contain a {kind}.", has(left, None, kind) and has(right, None, kind)
-        elif pick == 1:
-            text, truth = f"The left image contains a {color} {kind}.", has(left, color, kind)
-        elif pick == 2:
-            text, truth = f"The right image contains a {color} {kind}.", has(right, color, kind)
-        else:
-            n = rng.randint(1, 3)
-            noun = f"{NUMBER_WORDS[n]} {kind}" if n == 1 else f"{NUMBER_WORDS[n]} {kind}s"
-            text = f"There {'is' if n == 1 else 'are'} exactly {noun} in total."
-            truth = count(left, kind) + count(right, kind) == n
-        if truth == want:
-            return text
-    group = left.groups[0]
-    if want:
-        return f"The left image contains a {group.color} {group.kind}."
-    return f"The left image contains a {rng.choice([c for c in COLORS if c != group.color])} {group.kind}."
+    kinds = [{g.kind for g in scene.groups} for scene in (left, right)]
+    shared, one_side = kinds[0] & kinds[1], kinds[0] ^ kinds[1]
+    if shared and one_side and rng.random() < 1 / 3:
+        template = "Both images contain a {}."
+        return template.format(rng.choice(sorted(shared))), template.format(rng.choice(sorted(one_side)))
+    side, scene = rng.choice((("left", left), ("right", right)))
+    template = f"The {side} image contains a {{}} {{}}."
+    true = rng.choice(sorted(facts(scene)))
+    false = rng.choice([(c, k) for c in COLORS for k in SHAPES if (c, k) not in facts(scene)])
+    return template.format(*true), template.format(*false)
 
 
 def _write_nlvr2(root: Path, scenes: list[Scene], rng: random.Random) -> None:
@@ -420,8 +409,9 @@ def _write_nlvr2(root: Path, scenes: list[Scene], rng: random.Random) -> None:
             stem = f"{name}-{set_id}-0"
             for side, scene in enumerate((left, right)):
                 _link(root / "coco" / scene.folder / scene.file_name, folder / f"{stem}-img{side}.png")
+            statements = dict(zip((True, False), _nlvr_statements(rng, left, right)))
             for sentence_id, want in enumerate(rng.sample([True, False], 2)):
-                sentence = _nlvr_statement(rng, left, right, want)
+                sentence = statements[want]
                 lines.append({"identifier": f"{stem}-{sentence_id}", "sentence": sentence, "label": str(want),
                               "directory": directory,
                               "left_url": f"https://demo.invalid/{left.image_id}.jpg",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import importlib.util
 from pathlib import Path
 
@@ -92,3 +93,28 @@ def test_default_demo_from_the_cli_prints_its_splits_and_shard_commands(tmp_path
     printed = capsys.readouterr().out
     assert "600 train / 100 val / 100 test" in printed and "--format refcoco" in printed
     assert len(list((tmp_path / "demo" / "coco" / "train2014").glob("*.jpg"))) == 600
+
+
+def _nlvr2_truth(sentence: str, left, right) -> bool:
+    words = sentence.rstrip(".").split()
+    if words[0] == "Both":
+        return all(any(g.kind == words[-1] for g in scene.groups) for scene in (left, right))
+    scene = left if words[1] == "left" else right
+    return any((g.color, g.kind) == (words[-2], words[-1]) for g in scene.groups)
+
+
+def test_nlvr2_statements_come_in_true_false_pairs_of_one_template_labelled_by_the_drawn_scenes(demo):
+    """Each pair of images gets a true and a false statement of one wording pattern, so the text alone cannot
+    tell the label; the label is what the two drawn scenes make of the statement."""
+    scenes = {scene.image_id: scene for scene in demo.scenes}
+    lines = [json.loads(line) for name in ("train", "dev", "test1")
+             for line in (demo.root / "nlvr2" / f"{name}.json").read_text().splitlines()]
+    assert len(lines) == 2 * NUM_IMAGES
+    pairs: dict[str, list[dict]] = {}
+    for line in lines:
+        left, right = (scenes[int(line[key].rsplit("/", 1)[1][:-4])] for key in ("left_url", "right_url"))
+        assert str(_nlvr2_truth(line["sentence"], left, right)) == line["label"], line
+        pairs.setdefault(line["identifier"].rsplit("-", 1)[0], []).append(line)
+    for both in pairs.values():
+        assert sorted(x["label"] for x in both) == ["False", "True"]
+        assert [x["sentence"].split()[:3] for x in both][0] == [x["sentence"].split()[:3] for x in both][1]
