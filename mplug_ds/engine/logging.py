@@ -168,6 +168,24 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.log({f"train/{k}": v for k, v in scalars.items()}, step=step)
 
+    def evaluation(self, step: int, final: bool, metrics: dict[str, Any]) -> None:
+        """Log one evaluation: ``metrics.jsonl``, ``eval/*`` scalars in TensorBoard / wandb, and a line on the
+        console for an evaluation during training (the launch script prints the final one in full)."""
+        if not self.active:
+            return
+        self._write({"event": "eval", "time": time.time(), "step": step, "final": final, **metrics})
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if self._tensorboard is not None:
+            for key, value in scalars.items():
+                self._tensorboard.add_scalar(f"eval/{key}", value, step)
+            self._tensorboard.flush()
+        if self._wandb is not None:
+            self._wandb.log({f"eval/{k}": v for k, v in scalars.items()}, step=step)
+        if not final:
+            shown = (f"{k} {int(v)}" if float(v).is_integer() and abs(v) > 1 else f"{k} {v:.4f}"
+                     for k, v in scalars.items())
+            self.info(f"eval at step {step}: " + " ".join(shown))
+
     def eta(self, step: int) -> float | None:
         """Seconds to ``total_steps`` at this session's mean step time so far (``None`` until two steps are seen)."""
         if self._first is None or step <= self._first[0]:

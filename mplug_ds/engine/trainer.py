@@ -308,7 +308,7 @@ class Trainer:
         """Evaluate (a collective), log the metrics; True when the recipe's metric improved on the best so far."""
         self.last_metrics = self.recipe.evaluate(self.engine)
         if self.last_metrics:  # a recipe without evaluation (or a rank without the gathered metrics) logs nothing
-            self.logger.event("eval", step=self.state.step, final=final, **self.last_metrics)
+            self.logger.evaluation(self.state.step, final, self.last_metrics)
         metric = self.recipe.metric
         best = self.checkpoints.best()
         improved = metric in self.last_metrics and (best is None or self.last_metrics[metric] > best["value"])

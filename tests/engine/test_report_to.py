@@ -1,5 +1,5 @@
 """``--report-to wandb,tensorboard`` with the real loggers: wandb offline (no network) and a TensorBoard event file
-hold the step metrics of ``metrics.jsonl`` and the run's config."""
+hold the step and evaluation metrics of ``metrics.jsonl`` and the run's config."""
 import json
 import struct
 from functools import partial
@@ -47,7 +47,7 @@ def _item_key(item):
     return item.key or "/".join(item.nested_key)
 
 
-def test_wandb_offline_and_tensorboard_hold_the_step_metrics_and_config(world, tmp_path, monkeypatch):
+def test_wandb_offline_and_tensorboard_hold_the_step_and_eval_metrics_and_config(world, tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -55,7 +55,7 @@ def test_wandb_offline_and_tensorboard_hold_the_step_metrics_and_config(world, t
         monkeypatch.setenv(key, str(tmp_path / "wandb-home"))
     out = tmp_path / "run"
     cfg = load_train_config("synthetic_tiny", [f"run.output_dir={out}", "logging.progress_bar=false",
-                                               f"schedule.total_steps={STEPS}", "eval.retrieval=false",
+                                               f"schedule.total_steps={STEPS}", "eval.retrieval=true",
                                                "logging.report_to=[wandb,tensorboard]"])
     resolved = validate(cfg, world.world_size)
     Trainer(cfg, resolved, world, partial(PretrainRecipe, cfg, resolved)).train()
@@ -71,6 +71,14 @@ def test_wandb_offline_and_tensorboard_hold_the_step_metrics_and_config(world, t
         assert [s.step for s in scalars] == list(range(1, STEPS + 1))
         for s in scalars:
             assert s.value == pytest.approx(logged[s.step][key], rel=1e-6)
+    evaluation = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                  if r["event"] == "eval"]
+    assert len(evaluation) == 1 and evaluation[0]["step"] == STEPS
+    eval_keys = [k for k, v in evaluation[0].items() if k not in ("step", "time") and isinstance(v, float)]
+    assert "i2t_r1" in eval_keys, eval_keys
+    for key in eval_keys:
+        assert [(s.step, s.value) for s in board.Scalars(f"eval/{key}")] == [
+            (STEPS, pytest.approx(evaluation[0][key], rel=1e-6))]
     config_text = board.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert f"total_steps: {STEPS}" in config_text and "report_to:" in config_text
 
@@ -86,6 +94,7 @@ def test_wandb_offline_and_tensorboard_hold_the_step_metrics_and_config(world, t
     for step, row in history.items():
         for key in ("loss", "loss_ita", "lr"):
             assert row[f"train/{key}"] == pytest.approx(logged[step][key], rel=1e-12)
+    assert {k: history[STEPS][f"eval/{k}"] for k in eval_keys} == {k: evaluation[0][k] for k in eval_keys}
     config = {}
     for record in records:
         kind = record.WhichOneof("record_type")

@@ -75,7 +75,9 @@ def test_kill9_then_resume_gives_identical_losses_and_best_checkpoint(data, tmp_
     args = RESUME + ["--pretrained", str(data["export"]),
                      *shard_overrides(data["retrieval_train"], data["retrieval"])]
     reference = tmp_path / "reference"
-    run(finetune(reference, args, 2), seconds=900)
+    output = run(finetune(reference, args, 2), seconds=900)
+    eval_lines = [line for line in output.splitlines() if line.startswith("eval at step ")]
+    assert len(eval_lines) == 1 and eval_lines[0].startswith("eval at step 3: ") and " r_mean " in eval_lines[0]
     marker = tmp_path / "killed" / "checkpoints" / tag_for(2) / COMPLETE
     with started(finetune(tmp_path / "killed", args, 2)) as proc:  # leaving the block SIGKILLs the whole group
         wait_for(marker.exists, 900, proc, "a complete checkpoint at step 2")
