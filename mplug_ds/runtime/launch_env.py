@@ -5,9 +5,7 @@ import errno
 import logging
 import os
 import socket
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -108,22 +106,6 @@ def limit_cpu_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-STALE_LOCK_SECONDS = 600  # an op build holding its lock this long has died (DeepSpeed's CPU op builds in ~1 min)
-
-
-def stale_extension_locks(now: float | None = None) -> list[Path]:
-    """Build locks of torch C++ extensions (DeepSpeed ops) older than ``STALE_LOCK_SECONDS``.
-
-    torch builds an op under ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) holding a ``lock``
-    file, and a process that finds the file waits for it to go away, forever: a run killed while building an op
-    leaves every later run hanging at start-up without a word.
-    """
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-    now = time.time() if now is None else now
-    locks = [*root.glob("*/lock"), *root.glob("*/*/lock")]
-    return sorted(lock for lock in locks if now - lock.stat().st_mtime > STALE_LOCK_SECONDS)
-
-
 EXIT_PORT_IN_USE = 3  # a launch script's exit status when its rendezvous port is taken
 
 
@@ -136,10 +118,4 @@ def start_rank(local_rank: int | None) -> WorldInfo:
     logging.basicConfig(level=logging.INFO if world.rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     check_rendezvous_port(world)
-    if world.local_rank == 0:
-        for lock in stale_extension_locks():
-            logging.getLogger(__name__).warning(
-                "%s is %d min old: a DeepSpeed op build that was killed left it, and loading that op will wait "
-                "for it forever. If no other job on this machine is building ops, delete it: rm %s",
-                lock, (time.time() - lock.stat().st_mtime) // 60, lock)
     return world
