@@ -1,7 +1,7 @@
 """Real fine-tuning runs of launch/finetune.py (tiny model, tiny task shards, gloo on CPU).
 
 Exact distributed evaluation (1 rank vs 2 ranks on an odd-sized set), kill -9 then ``--resume auto`` with
-identical per-step losses, periodic evaluation with best-checkpoint selection.
+identical per-step losses, periodic evaluation with best-checkpoint selection, resume on another number of ranks.
 """
 import json
 import sys
@@ -110,3 +110,20 @@ def test_task_only_makes_the_demo_checkpoint_then_fine_tunes_and_reports(tmp_pat
     assert "acc (Acc@IoU≥0.5)" in report and "best trivial box" in report
     results = json.loads(next((out / "eval").glob("step_*.json")).read_text())
     assert len(results["results"]) == 12 and all(len(p["pred_box"]) == 4 for p in results["results"])
+
+
+def test_fine_tuning_resumes_on_another_number_of_ranks(data, tmp_path):
+    """Retrieval (momentum teacher, feature queue) for 2 steps on 2 ranks under ZeRO-3, then ``--resume auto`` on one
+    rank to step 4: the universal conversion carries the state, the global batch is kept (accumulation 2), and the
+    steps after the resume are logged once each."""
+    args = [a for a in RESUME if not a.startswith(("schedule.total_steps", "eval.every_steps"))] + [
+        "eval.every_steps=4", "--pretrained", str(data["export"]),
+        *shard_overrides(data["retrieval_train"], data["retrieval"])]
+    out = tmp_path / "run"
+    run(finetune(out, args + ["schedule.total_steps=2"], 2), seconds=900)
+    output = run(finetune(out, args + ["schedule.total_steps=4", "--resume", "auto"], 1), seconds=900)
+    resume = [r for r in records(out) if r["event"] == "resume"]
+    assert len(resume) == 1 and (resume[0]["step"], resume[0]["world_size"]) == (2, 1), resume
+    steps = step_losses(out, after_resume=True)
+    assert sorted(steps) == [3, 4] and [steps[s]["samples"] for s in (3, 4)] == [3 * 8, 4 * 8]
+    assert "=== retrieval evaluation ===" in output
