@@ -1,14 +1,19 @@
-"""Export a DeepSpeed pre-training checkpoint (ZeRO 1, 2 or 3) to model.safetensors + model_config.yaml.
+"""Export a DeepSpeed checkpoint (ZeRO 1, 2 or 3) to model.safetensors + model_config.yaml (+ task.safetensors).
 
     python tools/export_checkpoint.py outputs/demo            # newest complete checkpoint of a run
     python tools/export_checkpoint.py outputs/demo/checkpoints/step_00000400 --out exported/ --momentum
+    python tools/export_checkpoint.py outputs/nlvr2_demo      # a fine-tuning: its head goes to task.safetensors
 
-Fine-tuning loads the result with ``mplug_ds.engine.export.load_exported(out)`` or by reading
-``model.safetensors`` into ``build_model(load_model_config(out / "model_config.yaml"))``.
+Fine-tuning loads the result with ``--pretrained out`` (``launch/finetune.py --evaluate`` also reads the task head),
+``mplug_ds.engine.export.load_exported(out)`` or by reading ``model.safetensors`` into
+``build_model(load_model_config(out / "model_config.yaml"))``.
 """
 import argparse
 import sys
 
+from safetensors import safe_open
+
+from mplug_ds.engine.checkpoint import TASK_FILE
 from mplug_ds.engine.export import export_checkpoint, load_exported
 
 
@@ -30,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     model = load_exported(path)
     count = sum(p.numel() for p in model.parameters())
     print(f"wrote {path}/model.safetensors ({count / 1e6:.1f}M parameters, loads with no missing or unexpected keys)")
+    if (path / TASK_FILE).is_file():
+        with safe_open(str(path / TASK_FILE), "pt") as f:
+            print(f"wrote {path / TASK_FILE} (task '{f.metadata()['task']}': {len(list(f.keys()))} tensors)")
     return 0
 
 

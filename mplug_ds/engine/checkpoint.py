@@ -45,6 +45,8 @@ TEACHER_FILE = "momentum_teacher.pt"
 LATEST = "latest"
 BEST = "best.json"
 UNIVERSAL = "universal"
+EXPORT_FILE = "model.safetensors"  # an export's MPLUG weights (mplug_ds.engine.export)
+TASK_FILE = "task.safetensors"  # an export's task tensors beside the MPLUG, e.g. a classification head
 
 
 @dataclass

@@ -3,6 +3,8 @@
 Output directory::
 
     model.safetensors           the online MPLUG weights in fp32, keys exactly as ``build_model(cfg).state_dict()``
+    task.safetensors            a fine-tuning's own tensors beside the MPLUG (a classification head: ``head.*``),
+                                with the task's name in its metadata (only when the checkpoint has such tensors)
     momentum.safetensors        the EMA teacher (only with ``include_momentum``)
     model_config.yaml           the ModelConfig the weights belong to (``load_model_config(path)`` reads it)
 
@@ -19,13 +21,13 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from safetensors.torch import load_file, save_file
 
 from mplug_ds.config import to_dict
-from mplug_ds.engine.checkpoint import COMPLETE, TEACHER_FILE, resolve_resume
+from mplug_ds.engine.checkpoint import COMPLETE, EXPORT_FILE, TASK_FILE, TEACHER_FILE, resolve_resume
 from mplug_ds.models.config import ModelConfig, load_model_config
 from mplug_ds.models.mplug import build_model
 from mplug_ds.runtime import safe_load
 from mplug_ds.runtime.atomic import atomic_path, atomic_write_text
 
-MODEL_PREFIX = "model."  # PretrainModel keeps the online MPLUG as ``.model``
+MODEL_PREFIX = "model."  # PretrainModel and the task modules keep the online MPLUG as ``.model``
 STAGE0_MODEL_FILE = "mp_rank_00_model_states.pt"
 
 
@@ -38,18 +40,23 @@ def find_run_model_config(tag_dir: Path) -> Path:
     raise FileNotFoundError(f"no model_config.yaml found next to {tag_dir}; pass the model config explicitly")
 
 
-def consolidate(tag_dir: Path, model_cfg: ModelConfig, trusted: bool = False) -> dict[str, torch.Tensor]:
-    """The online model's full fp32 state dict from a checkpoint, checked against a freshly built model.
-
-    The checkpoint's files are read with the restricted unpickler unless ``trusted`` (see ``safe_load``).
-    """
+def read_module_state(tag_dir: Path, trusted: bool = False) -> dict[str, torch.Tensor]:
+    """The trained module's full fp32 state dict (``model.…`` and any task tensors) from a checkpoint of any ZeRO
+    stage. Its files are read with the restricted unpickler unless ``trusted`` (see ``safe_load``)."""
     if not trusted:
         safe_load.check_checkpoint(tag_dir)
     if any(tag_dir.glob("*optim_states.pt")):  # ZeRO-1/2/3 (and bf16): the fp32 master weights live there
         with safe_load.deepspeed_weights_only(trusted):
-            merged = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    else:  # stage 0 in fp32 (a 1-rank run): the module's own weights are the fp32 masters
-        merged = safe_load.load(tag_dir / STAGE0_MODEL_FILE, trusted)["module"]
+            return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    return safe_load.load(tag_dir / STAGE0_MODEL_FILE, trusted)["module"]  # stage 0 in fp32: the module's own
+
+
+def consolidate(tag_dir: Path, model_cfg: ModelConfig, trusted: bool = False) -> dict[str, torch.Tensor]:
+    """The online model's full fp32 state dict from a checkpoint, checked against a freshly built model."""
+    return _online_model(read_module_state(tag_dir, trusted), model_cfg, tag_dir)
+
+
+def _online_model(merged: dict[str, torch.Tensor], model_cfg: ModelConfig, tag_dir: Path) -> dict[str, torch.Tensor]:
     online = {k[len(MODEL_PREFIX):]: v for k, v in merged.items() if k.startswith(MODEL_PREFIX)}
     reference = build_model(model_cfg).state_dict()
     missing = sorted(set(reference) - set(online))
@@ -61,13 +68,28 @@ def consolidate(tag_dir: Path, model_cfg: ModelConfig, trusted: bool = False) ->
         if online[key].shape != ref.shape:
             raise RuntimeError(f"{tag_dir}: '{key}' has shape {tuple(online[key].shape)}, model '{model_cfg.name}' "
                                f"expects {tuple(ref.shape)}")
+    return _owned(online)
+
+
+def _owned(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # Tied weights arrive as one shared tensor; safetensors needs every entry to own its storage.
-    return {k: v.detach().float().contiguous().clone() for k, v in online.items()}
+    return {k: v.detach().float().contiguous().clone() for k, v in state.items()}
+
+
+def _run_task_name(tag_dir: Path) -> str:
+    """``task.name`` of the run that wrote ``tag_dir`` (its saved ``config.yaml``)."""
+    for parent in (tag_dir.parent.parent, tag_dir.parent, tag_dir):
+        if (parent / "config.yaml").is_file():
+            task = (yaml.safe_load((parent / "config.yaml").read_text()) or {}).get("task") or {}
+            if task.get("name"):
+                return str(task["name"])
+    raise FileNotFoundError(f"{tag_dir} holds task tensors but no config.yaml with task.name was found next to it")
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, model_config: str | None = None,
                       include_momentum: bool = False, trusted: bool = False) -> Path:
-    """Write ``model.safetensors`` (+ optional ``momentum.safetensors``) and ``model_config.yaml`` to ``out_dir``.
+    """Write ``model.safetensors`` (+ ``task.safetensors`` for a task head, + optional ``momentum.safetensors``)
+    and ``model_config.yaml`` to ``out_dir``.
 
     ``checkpoint``: a ``step_*`` tag directory, a checkpoints directory or a run directory (newest complete
     checkpoint). ``model_config``: a model name or YAML path; default: the run's saved ``model_config.yaml``.
@@ -82,7 +104,11 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, model_config:
     out.mkdir(parents=True, exist_ok=True)
     marker = json.loads((tag_dir / COMPLETE).read_text())
     metadata = {"source": str(tag_dir), "step": str(marker["step"]), "format": "mplug_ds"}
-    _atomic_save(consolidate(tag_dir, model_cfg, trusted), out / "model.safetensors", metadata)
+    merged = read_module_state(tag_dir, trusted)
+    _atomic_save(_online_model(merged, model_cfg, tag_dir), out / EXPORT_FILE, metadata)
+    task_state = {k: v for k, v in merged.items() if not k.startswith(MODEL_PREFIX)}
+    if task_state:
+        _atomic_save(_owned(task_state), out / TASK_FILE, {**metadata, "task": _run_task_name(tag_dir)})
     if include_momentum:
         teacher_file = tag_dir / TEACHER_FILE
         if not teacher_file.exists():
@@ -97,7 +123,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, model_config:
 
 def load_weights(model: torch.nn.Module, export_dir: str | Path) -> None:
     """Load ``model.safetensors`` of an export directory into ``model`` (strict: keys and shapes must match)."""
-    path = Path(export_dir).expanduser() / "model.safetensors"
+    path = Path(export_dir).expanduser() / EXPORT_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (model.init_from must be a tools/export_checkpoint.py output)")
     model.load_state_dict(load_file(str(path)), strict=True)

@@ -1,7 +1,8 @@
 """``--pretrained``: start a task from an exported pre-training checkpoint or a DeepSpeed checkpoint directory.
 
 Accepted paths:
-  * an export directory (``tools/export_checkpoint.py``): ``model.safetensors`` (+ ``model_config.yaml``);
+  * an export directory (``tools/export_checkpoint.py``): ``model.safetensors`` (+ ``model_config.yaml``; an export of
+    a fine-tuning with a head also has ``task.safetensors``);
   * a DeepSpeed run directory, its ``checkpoints/`` directory or one ``step_*`` tag (newest complete one), from
     pre-training or fine-tuning (the wrapped model is kept under ``model.`` in both).
 The visual positional embedding is resized to the task resolution; every other tensor must match in shape.
@@ -17,15 +18,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from mplug_ds.config import ConfigError
-from mplug_ds.engine.checkpoint import resolve_resume
+from mplug_ds.engine.checkpoint import EXPORT_FILE, TASK_FILE, resolve_resume
 from mplug_ds.models.config import ModelConfig
 from mplug_ds.models.mplug import MPLUG, build_model
 from mplug_ds.models.vision import resize_pos_embed
-from mplug_ds.runtime import safe_load
 
 POS_EMBED = "visual.vit.pos_embed"
 WRAPPER_PREFIX = "model."  # PretrainModel / task modules keep the MPLUG as ``.model``
-EXPORT_FILE = "model.safetensors"
 
 
 @dataclass
@@ -91,37 +90,51 @@ def read_module_state(path: str | Path) -> dict[str, torch.Tensor]:
     tag = _deepspeed_tag(path)
     if tag is None:
         raise FileNotFoundError(_fix(path))
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from mplug_ds.engine.export import read_module_state as read_checkpoint
 
-    safe_load.check_checkpoint(tag)  # never unpickle code from a checkpoint
-    with safe_load.deepspeed_weights_only():
-        return get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
+    return read_checkpoint(tag)  # never unpickles code from a checkpoint
+
+
+def _exported_task(path: Path) -> tuple[str | None, list[str]]:
+    """The task name and tensor names of an export's ``task.safetensors`` (``None, []`` when it has none)."""
+    if not (path / TASK_FILE).is_file():
+        return None, []
+    with safe_open(str(path / TASK_FILE), "pt") as f:
+        return (f.metadata() or {}).get("task"), list(f.keys())
 
 
 def _no_head(path: Path, task: str, prefixes: tuple[str, ...], lacking: str) -> str:
     return (f"--pretrained {path}: no {lacking}: evaluating task '{task}' needs its trained head "
-            f"({', '.join(p + '*' for p in prefixes)}), which only a DeepSpeed checkpoint of a '{task}' fine-tuning "
-            "holds (an export keeps the MPLUG alone); pass that run or checkpoint directory")
+            f"({', '.join(p + '*' for p in prefixes)}), which a DeepSpeed checkpoint of a '{task}' fine-tuning or its "
+            f"export (tools/export_checkpoint.py writes the head to {TASK_FILE}) holds; pass one of those")
 
 
 def check_task_weights(path: str | Path, task: str, prefixes: tuple[str, ...]) -> None:
-    """Before any rank starts: an export can never hold a task's head (``prefixes``), so evaluating one fails."""
+    """Before any rank starts: an export to evaluate ``task`` with must hold that task's head (``prefixes``)."""
     path = Path(path).expanduser()
-    if prefixes and (path / EXPORT_FILE).is_file():
-        raise ConfigError(_no_head(path, task, prefixes, "task head in an export"))
+    if not prefixes or not (path / EXPORT_FILE).is_file():
+        return
+    exported, keys = _exported_task(path)
+    if exported is None:
+        raise ConfigError(_no_head(path, task, prefixes, f"{TASK_FILE} (an export of a pre-training)"))
+    if exported != task:
+        raise ConfigError(_no_head(path, task, prefixes, f"'{task}' head: its {TASK_FILE} is of task '{exported}'"))
+    if not any(k.startswith(prefixes) for k in keys):
+        raise ConfigError(_no_head(path, task, prefixes, f"head tensors in {path / TASK_FILE}"))
 
 
 def load_task_weights(module: torch.nn.Module, path: str | Path, task: str, prefixes: tuple[str, ...]) -> int:
-    """Load the task's own tensors (names starting with ``prefixes``) of a fine-tuning checkpoint into ``module``;
-    returns how many. ``ConfigError`` naming the first tensor the checkpoint lacks."""
+    """Load the task's own tensors (names starting with ``prefixes``) of a fine-tuning checkpoint or its export into
+    ``module``; returns how many. ``ConfigError`` naming the first tensor the checkpoint lacks."""
     own = sorted(k for k in module.state_dict() if k.startswith(prefixes)) if prefixes else []
     if not own:
         return 0
+    path = Path(path).expanduser()
     check_task_weights(path, task, prefixes)
-    state = read_module_state(path)
+    state = load_file(str(path / TASK_FILE)) if (path / EXPORT_FILE).is_file() else read_module_state(path)
     lacking = [k for k in own if k not in state]
     if lacking:
-        raise ConfigError(_no_head(Path(path), task, prefixes, f"'{lacking[0]}'"))
+        raise ConfigError(_no_head(path, task, prefixes, f"'{lacking[0]}'"))
     module.load_state_dict({k: state[k] for k in own}, strict=False)
     return len(own)
 

@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+from mplug_ds.config import ConfigError
 from mplug_ds.data.formats import ReaderArgs, read_format
 from mplug_ds.data.formats.common import Skip
 from mplug_ds.data.tokenizer import get_tokenizer
@@ -13,11 +14,13 @@ from mplug_ds.models.mplug import build_model
 from mplug_ds.tasks import build_task
 from mplug_ds.tasks.cli import EXIT_CONFIG_ERROR, main
 from mplug_ds.tasks.nlvr2 import NLVR2Model
+from mplug_ds.tasks.pretrained import check_task_weights
 from tests.data.shard_utils import jpeg_bytes, write_caption_shards, write_manifest
 from tests.engine.engine_runs import run
 from tests.tasks.classification_data import write_nlvr2_shards, write_ve_shards
 from tests.tasks.task_data import shard_overrides, write_export
 from tests.tasks.test_finetune_runs import finetune
+from tools.export_checkpoint import main as export_main
 
 
 def _pair_batch(texts, seed):
@@ -124,6 +127,18 @@ def test_evaluation_on_two_ranks_equals_one_rank_on_an_odd_set(tmp_path, task):
         assert p_one["probs"] == pytest.approx(p_two["probs"], abs=1e-5)
     names = build_task(task).label_names
     assert [p["truth"] for p in two["results"]] == [names[i % len(names)] for i in range(7)]
+
+    # Its export carries the head: evaluating the export gives the same predictions; another task refuses it.
+    export = tmp_path / "export_trained"
+    assert export_main([str(trained), "--out", str(export)]) == 0
+    run(finetune(tmp_path / "from_export", [*data, "--evaluate", "--pretrained", str(export)], 1), seconds=900)
+    exported = json.loads((tmp_path / "from_export" / "eval" / "evaluate.json").read_text())
+    assert exported["metrics"] == one["metrics"]
+    for p_export, p_one in zip(exported["results"], one["results"]):
+        assert p_export["probs"] == pytest.approx(p_one["probs"], abs=1e-6)
+    other = "ve" if task == "nlvr2" else "nlvr2"
+    with pytest.raises(ConfigError, match=f"no '{other}' head: its task.safetensors is of task '{task}'"):
+        check_task_weights(export, other, build_task(other).head_prefixes)
 
 
 def test_text_only_baseline_answers_each_text_with_its_training_label():
