@@ -109,6 +109,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, model_config:
     task_state = {k: v for k, v in merged.items() if not k.startswith(MODEL_PREFIX)}
     if task_state:
         _atomic_save(_owned(task_state), out / TASK_FILE, {**metadata, "task": _run_task_name(tag_dir)})
+    else:  # an earlier export into this directory must not lend its head to this model
+        (out / TASK_FILE).unlink(missing_ok=True)
     if include_momentum:
         teacher_file = tag_dir / TEACHER_FILE
         if not teacher_file.exists():
