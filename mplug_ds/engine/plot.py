@@ -55,7 +55,7 @@ def plot_run(run_dir: Path | str, out: Path | str | None = None) -> Path:
     out = Path(out) if out is not None else run_dir / PLOT_FILE
     x = [r["step"] for r in steps]
     window = max(1, len(steps) // 25)
-    loss_keys = [k for k in steps[0] if k.startswith("loss_")]
+    loss_keys = [k for k in steps[0] if k.startswith("loss_")] or ["loss"]  # a task's single loss: "loss"
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     ax = axes[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 from mplug_ds.config import from_dict
 from mplug_ds.data.data_config import DataConfig
 from mplug_ds.data.sample import Sample
+from mplug_ds.eval.pictures import Panel
 from mplug_ds.models.mplug import MPLUG
 
 EvalSamples = list[tuple[int, Sample]]
@@ -29,6 +31,8 @@ class EvalResult:
     metrics: dict[str, float] = field(default_factory=dict)
     baseline: dict[str, float] = field(default_factory=dict)  # trivial / chance levels of the primary metric
     results: Any = None  # the results file content (JSON-serialisable)
+    predictions: list[dict[str, Any]] = field(default_factory=list)  # per sample, with its "index" (the picture)
+    picture: Path | None = None  # the PNG of the first samples and their predictions, once written
 
 
 class FinetuneTask(ABC):
@@ -64,6 +68,11 @@ class FinetuneTask(ABC):
     def evaluate(self, module: nn.Module, samples: EvalSamples, data: DataConfig, batch_size: int,
                  device: torch.device) -> EvalResult:
         """Evaluate this rank's ``samples`` (a collective: every rank calls it)."""
+
+    def panel(self, sample: Sample, prediction: dict[str, Any]) -> Panel | None:
+        """How ``sample`` and its entry of ``EvalResult.predictions`` look in the evaluation's picture (``None``:
+        the task draws none)."""
+        return None
 
     def format_metric(self, metrics: Mapping[str, float], baseline: Mapping[str, float]) -> str:
         """One line: the primary metric beside its baseline (the best trivial predictor, or chance)."""

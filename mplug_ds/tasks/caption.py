@@ -20,10 +20,12 @@ from torch import nn
 from mplug_ds.config import ConfigError
 from mplug_ds.data.collate import Preparer
 from mplug_ds.data.data_config import DataConfig
+from mplug_ds.data.sample import Sample
 from mplug_ds.data.tokenizer import CLS_ID, SEP_ID
 from mplug_ds.data.transforms import pre_caption
 from mplug_ds.eval.caption import caption_metrics, constant_caption_cider
 from mplug_ds.eval.distributed import gather_to_rank0, lockstep_batches, merge_predictions
+from mplug_ds.eval.pictures import Panel
 from mplug_ds.models.generation import BeamConfig, beam_search
 from mplug_ds.models.mplug import MPLUG
 from mplug_ds.tasks.base import EvalResult, EvalSamples, FinetuneTask
@@ -139,7 +141,11 @@ class CaptionTask(FinetuneTask):
         self._frequent = constant
         baseline = {"cider": constant_caption_cider(references, constant)}
         results = [{"image_id": p["image_id"], "caption": p["caption"]} for p in merged]
-        return EvalResult(metrics=metrics, baseline=baseline, results=results)
+        return EvalResult(metrics=metrics, baseline=baseline, results=results, predictions=merged)
+
+    def panel(self, sample: Sample, prediction: dict[str, Any]) -> Panel:
+        lines = [f"generated: {prediction['caption']}"]
+        return Panel(images=[sample.image], lines=lines + [f"reference: {r}" for r in prediction["references"][:1]])
 
 
 def frequent_caption(data: DataConfig, limit: int) -> str | None:

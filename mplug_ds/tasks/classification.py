@@ -22,6 +22,7 @@ from mplug_ds.data.sample import Sample
 from mplug_ds.data.transforms import pre_caption
 from mplug_ds.eval.classification import classification_accuracy, majority_baseline, text_only_baseline
 from mplug_ds.eval.distributed import gather_to_rank0, lockstep_batches, merge_predictions
+from mplug_ds.eval.pictures import Panel
 from mplug_ds.models.mplug import MPLUG
 from mplug_ds.tasks.base import EvalResult, EvalSamples, FinetuneTask
 from mplug_ds.tasks.train_stats import on_rank0, training_annotations
@@ -123,4 +124,9 @@ class ClassificationTask(FinetuneTask):
         merged = merge_predictions(gathered)
         baseline = majority_baseline(merged) | text_only_baseline(merged, label_of_text, fallback)
         return EvalResult(metrics=classification_accuracy(merged), baseline=baseline,
-                          results=merged)
+                          results=merged, predictions=merged)
+
+    def panel(self, sample: Sample, prediction: dict[str, Any]) -> Panel:
+        return Panel(images=list(sample.images) or [sample.image],
+                     lines=[prediction["text"], f"predicted {prediction['answer']} · truth {prediction['truth']}"],
+                     correct=prediction["answer"] == prediction["truth"])

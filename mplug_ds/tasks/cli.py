@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from mplug_ds.config import ConfigError, config_keys, format_config_keys
-from mplug_ds.engine.cli import add_run_arguments, run_overrides
+from mplug_ds.engine.cli import add_run_arguments, run_overrides, write_plot
 from mplug_ds.engine.validate import validate_engine
 from mplug_ds.models.config import ModelConfig, load_model_config
 from mplug_ds.runtime.failure import exit_hard_on_failure
@@ -192,11 +192,13 @@ def train(cfg: FinetuneConfig, resolved: ResolvedTask, world: WorldInfo) -> int:
         summary = Trainer(cfg, resolved, world, make_recipe).train()
     recipe = holder[0]
     if world.rank == 0:
-        if recipe.last_eval is not None and recipe.last_eval.metrics:
-            print(format_result(cfg, resolved, recipe.last_eval.metrics, recipe.last_eval.baseline), flush=True)
+        last = recipe.last_eval
+        if last is not None and last.metrics:
+            print(format_result(cfg, resolved, last.metrics, last.baseline, last.picture), flush=True)
         else:
             print(f"\nno evaluation (stopped at step {summary.steps}; continue with --resume auto)", flush=True)
-        print(f"checkpoint: {summary.checkpoint}\nmetrics: {cfg.output_dir}/metrics.jsonl", flush=True)
+        print(f"checkpoint: {summary.checkpoint}\nmetrics: {cfg.output_dir}/metrics.jsonl\n"
+              f"plot: {write_plot(cfg.output_dir)}", flush=True)
     return 0
 
 
@@ -228,16 +230,20 @@ def evaluate_only(cfg: FinetuneConfig, resolved: ResolvedTask, world: WorldInfo)
                   **{f"baseline/{k}": v for k, v in result.baseline.items()}}
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        print(format_result(cfg, resolved, result.metrics, result.baseline), flush=True)
+        print(format_result(cfg, resolved, result.metrics, result.baseline, result.picture), flush=True)
     return 0
 
 
-def format_result(cfg: FinetuneConfig, resolved: ResolvedTask, metrics: dict, baseline: dict) -> str:
-    """The end-of-run report: every metric, then the primary metric beside its baseline."""
+def format_result(cfg: FinetuneConfig, resolved: ResolvedTask, metrics: dict, baseline: dict,
+                  picture: Path | None = None) -> str:
+    """The end-of-run report: every metric, then the primary metric beside its baseline, and where the results
+    and the picture of the first predictions are."""
     task = resolved.task
     lines = ["", f"=== {task.name} evaluation ==="]
     lines += [f"{k}: {v:.4f}" for k, v in metrics.items() if not k.startswith("baseline/")]
     lines += [f"baseline {k}: {v:.4f}" for k, v in baseline.items()]
     lines.append(task.format_metric(metrics, baseline))
     lines.append(f"results: {cfg.output_dir}/eval/")
+    if picture is not None:
+        lines.append(f"predictions: {picture}")
     return "\n".join(lines)

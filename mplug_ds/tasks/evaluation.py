@@ -12,7 +12,10 @@ from mplug_ds.data.reading import DataErrors
 from mplug_ds.distributed import get_rank
 from mplug_ds.runtime.atomic import atomic_write_text
 from mplug_ds.eval.distributed import read_eval_samples
-from mplug_ds.tasks.base import EvalResult, FinetuneTask
+from mplug_ds.eval.pictures import draw_panels
+from mplug_ds.tasks.base import EvalResult, EvalSamples, FinetuneTask
+
+SHOWN = 8  # samples in an evaluation's picture
 
 
 def run_evaluation(task: FinetuneTask, module: nn.Module, shards: str, data: DataConfig, batch_size: int,
@@ -20,7 +23,8 @@ def run_evaluation(task: FinetuneTask, module: nn.Module, shards: str, data: Dat
     """Evaluate ``module`` on ``shards`` (every sample once over all ranks; a collective).
 
     Rank 0 gets the metrics, the baseline and, when ``results_path`` is given, writes the results JSON there
-    (and, for tasks with a ``results_name``, the bare results beside it).
+    (and, for tasks with a ``results_name``, the bare results beside it) and a picture of the first samples with
+    their predictions beside it (``.png``; ``result.picture``).
     """
     errors = DataErrors()
     samples = list(read_eval_samples(shards, max_samples, errors=errors))
@@ -38,4 +42,17 @@ def run_evaluation(task: FinetuneTask, module: nn.Module, shards: str, data: Dat
                                                         "baseline": result.baseline, "results": result.results}))
             if task.results_name:  # the results alone, in the format an evaluation server takes
                 atomic_write_text(results_path.with_suffix(f".{task.results_name}.json"), json.dumps(result.results))
+            result.picture = draw_predictions(task, samples, result.predictions, results_path.with_suffix(".png"))
     return result
+
+
+def draw_predictions(task: FinetuneTask, samples: EvalSamples, predictions: list[dict], out: Path) -> Path | None:
+    """``SHOWN`` of this rank's evaluated samples, evenly spaced through them, with their predictions as a PNG at
+    ``out`` (``None`` when the task draws no panels)."""
+    by_index = {p["index"]: p for p in predictions if "index" in p}
+    chosen = samples[::max(1, len(samples) // SHOWN)][:SHOWN]
+    panels = [task.panel(sample, by_index[index]) for index, sample in chosen if index in by_index]
+    panels = [panel for panel in panels if panel is not None]
+    if not panels:
+        return None
+    return draw_panels(panels, out, f"{task.name}: {len(panels)} evaluated samples, evenly spaced ({out.stem})")

@@ -20,11 +20,13 @@ from torch import nn
 
 from mplug_ds.data.collate import Preparer, collate_grounding
 from mplug_ds.data.data_config import DataConfig
+from mplug_ds.data.sample import Sample
 from mplug_ds.data.tokenizer import unused_token_id
 from mplug_ds.data.transforms import box_from_letterbox
-from mplug_ds.eval.boxes import cxcywh_to_xyxy, generalized_box_iou
+from mplug_ds.eval.boxes import box_iou, cxcywh_to_xyxy, generalized_box_iou
 from mplug_ds.eval.distributed import gather_to_rank0, lockstep_batches, merge_predictions
-from mplug_ds.eval.grounding import grounding_accuracy, trivial_box_baselines
+from mplug_ds.eval.grounding import IOU_THRESHOLD, grounding_accuracy, trivial_box_baselines
+from mplug_ds.eval.pictures import GROUND_TRUTH, PREDICTED, Panel
 from mplug_ds.models.generation import BeamConfig, beam_search
 from mplug_ds.models.mplug import MPLUG
 from mplug_ds.tasks.base import EvalResult, EvalSamples, FinetuneTask
@@ -161,4 +163,10 @@ class GroundingTask(FinetuneTask):
             return EvalResult()
         merged = merge_predictions(gathered)
         return EvalResult(metrics=grounding_accuracy(merged), baseline=trivial_box_baselines(merged),
-                          results=merged)
+                          results=merged, predictions=merged)
+
+    def panel(self, sample: Sample, prediction: dict[str, Any]) -> Panel:
+        iou = float(box_iou(torch.tensor([prediction["pred_box"]]), torch.tensor([prediction["gt_box"]]))[0])
+        boxes = [(prediction["gt_box"], GROUND_TRUTH, "truth"), (prediction["pred_box"], PREDICTED, "predicted")]
+        return Panel(images=[sample.image], lines=[prediction["text"], f"IoU {iou:.2f}"], correct=iou >= IOU_THRESHOLD,
+                     boxes=boxes)

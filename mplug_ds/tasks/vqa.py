@@ -23,9 +23,11 @@ from torch import nn
 from mplug_ds.config import ConfigError
 from mplug_ds.data.collate import Preparer, collate_vqa, tokenize
 from mplug_ds.data.data_config import DataConfig
+from mplug_ds.data.sample import Sample
 from mplug_ds.data.tokenizer import CLS_ID, SEP_ID, get_tokenizer
 from mplug_ds.eval.distributed import gather_to_rank0, lockstep_batches, merge_predictions
-from mplug_ds.eval.vqa import normalize_answer, vqa_accuracy
+from mplug_ds.eval.pictures import Panel
+from mplug_ds.eval.vqa import normalize_answer, question_accuracy, vqa_accuracy
 from mplug_ds.models.generation import BeamConfig, beam_search, rank_answers
 from mplug_ds.models.mplug import MPLUG
 from mplug_ds.tasks.base import EvalResult, EvalSamples, FinetuneTask
@@ -194,7 +196,14 @@ class VQATask(FinetuneTask):
         base = vqa_accuracy([p | {"answer": baseline_answer} for p in merged])
         baseline = {"acc": base.get("acc", 0.0)} if "acc" in base else {}
         results = [{"question_id": p["question_id"], "answer": p["answer"]} for p in merged]
-        return EvalResult(metrics=metrics, baseline=baseline, results=results)
+        return EvalResult(metrics=metrics, baseline=baseline, results=results, predictions=merged)
+
+    def panel(self, sample: Sample, prediction: dict[str, Any]) -> Panel:
+        score = question_accuracy(prediction["answer"], prediction["human_answers"])
+        humans = Counter(prediction["human_answers"]).most_common(3)
+        return Panel(images=[sample.image], correct=score > 0 if prediction["human_answers"] else None,
+                     lines=[prediction["question"], f"answer: {prediction['answer']} (accuracy {score:.2f})",
+                            "annotators: " + ", ".join(f"{a} ×{n}" for a, n in humans)])
 
 
 def count_answers(data: DataConfig, cfg: VQAConfig) -> AnswerPrior:

@@ -112,3 +112,10 @@ def shard_overrides(train: str, eval_shards: str) -> list[str]:
     return ["data.source=shards", f"data.pipeline.sources={source}", f"data.eval_shards={eval_shards}",
             "data.pipeline.num_workers=1", "data.pipeline.shuffle_buffer=8", "data.pipeline.shuffle_initial=4",
             "model.name=tiny"]
+
+
+def assert_predictions_picture(output: str, path: Path) -> None:
+    """The run printed ``predictions: <path>`` and wrote a real PNG there (the evaluated samples, drawn)."""
+    assert f"predictions: {path}" in output, output[-2000:]
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width >= 300 and image.height >= 300, (image.format, image.size)

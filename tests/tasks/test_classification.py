@@ -18,7 +18,7 @@ from mplug_ds.tasks.pretrained import check_task_weights
 from tests.data.shard_utils import jpeg_bytes, write_caption_shards, write_manifest
 from tests.engine.engine_runs import run
 from tests.tasks.classification_data import write_nlvr2_shards, write_ve_shards
-from tests.tasks.task_data import shard_overrides, write_export
+from tests.tasks.task_data import assert_predictions_picture, shard_overrides, write_export
 from tests.tasks.test_finetune_runs import finetune
 from tools.export_checkpoint import main as export_main
 
@@ -113,7 +113,8 @@ def test_evaluation_on_two_ranks_equals_one_rank_on_an_odd_set(tmp_path, task):
     run(finetune(trained, [*data, "--pretrained", str(write_export(tmp_path / "export")), "schedule.total_steps=1",
                            "schedule.warmup_steps=1", "batch.micro_batch_per_gpu=2", "optim.lr=1e-2"], 2),
         seconds=900)
-    run(finetune(tmp_path / "evaluated", [*data, "--evaluate", "--pretrained", str(trained)], 1), seconds=900)
+    output = run(finetune(tmp_path / "evaluated", [*data, "--evaluate", "--pretrained", str(trained)], 1), seconds=900)
+    assert_predictions_picture(output, tmp_path / "evaluated" / "eval" / "evaluate.png")
     two = json.loads((trained / "eval" / "step_00000001.json").read_text())
     one = json.loads((tmp_path / "evaluated" / "eval" / "evaluate.json").read_text())
     assert one["metrics"] == two["metrics"] and one["metrics"]["num_samples"] == 7

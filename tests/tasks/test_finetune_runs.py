@@ -13,7 +13,8 @@ from mplug_ds.engine.checkpoint import COMPLETE, tag_for
 from mplug_ds.runtime.launch_env import free_port
 from tests.engine.engine_runs import DEEPSPEED, REPO, records, run, step_losses
 from tests.processes import started, wait_for
-from tests.tasks.task_data import shard_overrides, write_export, write_grounding_shards, write_retrieval_shards
+from tests.tasks.task_data import (assert_predictions_picture, shard_overrides, write_export, write_grounding_shards,
+                                   write_retrieval_shards)
 
 FINETUNE = REPO / "launch" / "finetune.py"
 pytestmark = pytest.mark.slow
@@ -46,8 +47,13 @@ def test_evaluation_on_two_ranks_equals_one_rank_on_an_odd_set(data, tmp_path, t
             if task == "retrieval" else "task.options.loss_weighting=true"]
     results = {}
     for ranks in (1, 2):
-        run(finetune(tmp_path / str(ranks), args, ranks), seconds=900)
+        output = run(finetune(tmp_path / str(ranks), args, ranks), seconds=900)
         results[ranks] = json.loads((tmp_path / str(ranks) / "eval" / "evaluate.json").read_text())
+        picture = tmp_path / str(ranks) / "eval" / "evaluate.png"
+        if task == "grounding":  # boxes drawn on the images; retrieval draws none
+            assert_predictions_picture(output, picture)
+        else:
+            assert "predictions:" not in output and not picture.exists()
     one, two = results[1], results[2]
     assert one["metrics"] == two["metrics"] and one["metrics"]["num_samples" if task == "grounding" else "num_images"] == 7
     assert _eval(tmp_path / "1")["checkpoint"] == str(data["export"])
@@ -110,6 +116,8 @@ def test_task_only_makes_the_demo_checkpoint_then_fine_tunes_and_reports(tmp_pat
     assert "acc (Acc@IoU≥0.5)" in report and "best trivial box" in report
     results = json.loads(next((out / "eval").glob("step_*.json")).read_text())
     assert len(results["results"]) == 12 and all(len(p["pred_box"]) == 4 for p in results["results"])
+    assert_predictions_picture(output, out / "eval" / "step_00000002.png")
+    assert f"plot: {out / 'curves.png'}" in output and (out / "curves.png").stat().st_size > 10_000
 
 
 def test_fine_tuning_resumes_on_another_number_of_ranks(data, tmp_path):

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from tests.engine.engine_runs import run
-from tests.tasks.task_data import shard_overrides, write_export, write_retrieval_shards, write_vqa_shards
+from tests.tasks.task_data import (assert_predictions_picture, shard_overrides, write_export, write_retrieval_shards,
+                                   write_vqa_shards)
 from tests.tasks.test_finetune_runs import finetune
 
 pytestmark = pytest.mark.slow
@@ -32,6 +33,7 @@ def test_evaluation_on_two_ranks_equals_one_rank_on_an_odd_set(data, tmp_path, t
         name = "vqa_results" if task == "vqa" else "captions"
         server[ranks] = json.loads((out / "eval" / f"evaluate.{name}.json").read_text())
         assert f"=== {task} evaluation ===" in output
+        assert_predictions_picture(output, out / "eval" / "evaluate.png")
     one, two = results[1], results[2]
     assert one["metrics"] == two["metrics"] and one["baseline"] == two["baseline"]
     assert server[1] == server[2] == one["results"]
