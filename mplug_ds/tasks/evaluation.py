@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from mplug_ds.eval.pictures import draw_panels
 from mplug_ds.tasks.base import EvalResult, EvalSamples, FinetuneTask
 
 SHOWN = 8  # samples in an evaluation's picture
+log = logging.getLogger(__name__)
 
 
 def run_evaluation(task: FinetuneTask, module: nn.Module, shards: str, data: DataConfig, batch_size: int,
@@ -42,7 +44,10 @@ def run_evaluation(task: FinetuneTask, module: nn.Module, shards: str, data: Dat
                                                         "baseline": result.baseline, "results": result.results}))
             if task.results_name:  # the results alone, in the format an evaluation server takes
                 atomic_write_text(results_path.with_suffix(f".{task.results_name}.json"), json.dumps(result.results))
-            result.picture = draw_predictions(task, samples, result.predictions, results_path.with_suffix(".png"))
+            try:  # a picture that cannot be drawn must not end the run
+                result.picture = draw_predictions(task, samples, result.predictions, results_path.with_suffix(".png"))
+            except Exception as err:  # reported: the evaluation itself succeeded
+                log.warning("the picture of the predictions was not written (%s: %s)", type(err).__name__, err)
     return result
 
 
