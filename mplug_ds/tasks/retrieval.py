@@ -19,14 +19,19 @@ from torch import nn
 from mplug_ds.config import ConfigError
 from mplug_ds.data.collate import tokenize
 from mplug_ds.data.data_config import DataConfig
+from mplug_ds.data.sample import Sample
+from mplug_ds.data.tokenizer import get_tokenizer
 from mplug_ds.data.transforms import TestTransform, pre_caption
 from mplug_ds.distributed import all_gather, get_rank, get_world_size
 from mplug_ds.eval.distributed import all_gather_objects, gather_to_rank0, lockstep_batches, max_over_ranks
+from mplug_ds.eval.pictures import Panel
 from mplug_ds.eval.retrieval import chance_recalls, retrieval_recalls
 from mplug_ds.models.momentum import MomentumTeacher
 from mplug_ds.models.mplug import MPLUG
 from mplug_ds.objectives.pretrain import soft_cross_entropy
 from mplug_ds.tasks.base import EvalResult, EvalSamples, FinetuneTask
+
+SHOWN_TEXTS = 3  # captions per image in the evaluation's picture
 
 Batch = dict[str, torch.Tensor]
 
@@ -276,9 +281,12 @@ def evaluate_retrieval(model: MPLUG, data: RetrievalEvalData, batch_size: int, k
     itc = retrieval_recalls(itc_image, itc_text, text_to_image)
     metrics |= {f"itc_{k}": v for k, v in itc.items()}
     metrics |= {"num_images": float(n_images), "num_texts": float(n_texts), "k_test": float(k_test)}
+    tokenizer = get_tokenizer()
     rankings = {"text_to_image": text_to_image,
                 "image_to_texts": [[(t, score_of[(i, t)]) for t in r] for i, r in enumerate(image_ranking)],
-                "text_to_images": [[(i, score_of[(i, t)]) for i in r] for t, r in enumerate(text_ranking)]}
+                "text_to_images": [[(i, score_of[(i, t)]) for i in r] for t, r in enumerate(text_ranking)],
+                "image_index": [index for index, _, _ in order],  # each image's sample index in the evaluation set
+                "texts": tokenizer.batch_decode(text_ids.tolist(), skip_special_tokens=True)}  # as tokenised
     return metrics, rankings
 
 
@@ -331,4 +339,17 @@ class RetrievalTask(FinetuneTask):
             return EvalResult()
         baseline = chance_recalls(rankings["text_to_image"], int(metrics["num_images"]))
         return EvalResult(metrics=metrics, baseline={self.metric: baseline[self.metric], "tr_r1": baseline["tr_r1"],
-                                                     "ir_r1": baseline["ir_r1"]}, results=rankings)
+                                                     "ir_r1": baseline["ir_r1"]}, results=rankings,
+                          predictions=retrieved_texts(rankings, SHOWN_TEXTS))
+
+    def panel(self, sample: Sample, prediction: dict[str, Any]) -> Panel:
+        lines = [f"{'✓' if right else '✗'} {text} ({score:.2f})" for text, score, right in prediction["texts"]]
+        return Panel(images=[sample.image], lines=["captions retrieved for this image:", *lines],
+                     correct=bool(prediction["texts"]) and prediction["texts"][0][2])
+
+
+def retrieved_texts(rankings: dict[str, Any], top: int) -> list[dict[str, Any]]:
+    """Per image (by sample ``index``): its ``top`` re-ranked captions as (text, score, a caption of this image)."""
+    texts, owner = rankings["texts"], rankings["text_to_image"]
+    return [{"index": index, "texts": [(texts[t], score, owner[t] == g) for t, score in ranked[:top]]}
+            for g, (index, ranked) in enumerate(zip(rankings["image_index"], rankings["image_to_texts"]))]

@@ -49,11 +49,7 @@ def test_evaluation_on_two_ranks_equals_one_rank_on_an_odd_set(data, tmp_path, t
     for ranks in (1, 2):
         output = run(finetune(tmp_path / str(ranks), args, ranks), seconds=900)
         results[ranks] = json.loads((tmp_path / str(ranks) / "eval" / "evaluate.json").read_text())
-        picture = tmp_path / str(ranks) / "eval" / "evaluate.png"
-        if task == "grounding":  # boxes drawn on the images; retrieval draws none
-            assert_predictions_picture(output, picture)
-        else:
-            assert "predictions:" not in output and not picture.exists()
+        assert_predictions_picture(output, tmp_path / str(ranks) / "eval" / "evaluate.png")
     one, two = results[1], results[2]
     assert one["metrics"] == two["metrics"] and one["metrics"]["num_samples" if task == "grounding" else "num_images"] == 7
     assert _eval(tmp_path / "1")["checkpoint"] == str(data["export"])
@@ -65,6 +61,8 @@ def test_evaluation_on_two_ranks_equals_one_rank_on_an_odd_set(data, tmp_path, t
     else:
         assert one["results"]["text_to_image"] == two["results"]["text_to_image"]
         assert len(two["results"]["text_to_images"]) == 13  # 7 images with 1, 2, 3, 1, 2, 3, 1 captions
+        assert one["results"]["image_index"] == two["results"]["image_index"] == list(range(7))
+        assert one["results"]["texts"] == two["results"]["texts"] and len(one["results"]["texts"]) == 13
         for key in ("image_to_texts", "text_to_images"):  # same candidates, same order; scores up to batching
             for row_one, row_two in zip(one["results"][key], two["results"][key]):
                 assert [c for c, _ in row_one] == [c for c, _ in row_two]
