@@ -149,6 +149,9 @@ def format_summary(summary: RunSummary, plot: Path | str | None = None) -> str:
         lines.append("stopped by signal before the last step; resume with --resume auto")
     lines.append(f"checkpoint: {summary.checkpoint}")
     lines.append(f"metrics: {summary.output_dir}/metrics.jsonl")
+    pictures = sorted((Path(summary.output_dir) / "eval").glob("retrieval_step_*.png"))  # the last evaluation's
+    if summary.retrieval and pictures:
+        lines.append(f"retrieval picture: {pictures[-1]}")
     if plot is not None:
         lines.append(f"plot: {plot}")
     return "\n".join(lines)

@@ -1,13 +1,27 @@
-"""End-of-run zero-shot image–text retrieval with the contrastive heads (R@1/R@5, both directions)."""
+"""End-of-run zero-shot image–text retrieval with the contrastive heads (R@1/R@5, both directions), and its picture."""
 from __future__ import annotations
 
+import logging
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
+import torchvision.transforms.functional as TF
 
 from mplug_ds.data.batch import RetrievalSet
+from mplug_ds.data.tokenizer import get_tokenizer
+from mplug_ds.data.transforms import CLIP_MEAN, CLIP_STD
+from mplug_ds.eval.pictures import Panel, draw_panels
 from mplug_ds.models.mplug import MPLUG
+
+SHOWN_IMAGES, SHOWN_TEXTS = 8, 3
+log = logging.getLogger(__name__)
+
+
+def retrieval_picture_path(output_dir: Path, step: int) -> Path:
+    """Where the retrieval evaluation after ``step`` draws its picture."""
+    return Path(output_dir) / "eval" / f"retrieval_step_{step:08d}.png"
 
 
 def recall_at_k(sim: torch.Tensor, text_to_image: torch.Tensor, k: int) -> tuple[float, float]:
@@ -29,8 +43,9 @@ def chance_recall(text_to_image: torch.Tensor, num_images: int, k: int) -> tuple
 
 
 @torch.no_grad()
-def zero_shot_retrieval(engine: Any, model: MPLUG, data: RetrievalSet, batch_size: int) -> dict[str, float]:
-    """Retrieval by cosine similarity of the ITA features.
+def zero_shot_retrieval(engine: Any, model: MPLUG, data: RetrievalSet, batch_size: int,
+                        picture: Path | None = None) -> dict[str, float]:
+    """Retrieval by cosine similarity of the ITA features; with ``picture``, also draw it there (``draw_retrieval``).
 
     Every rank encodes the whole (small) held-out set, so under ZeRO-3 all ranks run the same forwards and
     gather the same parameters; the result is identical on every rank.
@@ -50,5 +65,24 @@ def zero_shot_retrieval(engine: Any, model: MPLUG, data: RetrievalSet, batch_siz
     i2t5, t2i5 = recall_at_k(sim, data.text_to_image, 5)
     chance = {f"{d}_r{k}_chance": v for k in (1, 5)
               for d, v in zip(("i2t", "t2i"), chance_recall(data.text_to_image, sim.shape[0], k))}
+    if picture is not None:
+        try:  # a picture that cannot be drawn must not end the run
+            draw_retrieval(data, sim, picture)
+        except Exception as err:  # reported: the evaluation itself succeeded
+            log.warning("the retrieval picture was not written (%s: %s)", type(err).__name__, err)
     return {"i2t_r1": i2t1, "t2i_r1": t2i1, "i2t_r5": i2t5, "t2i_r5": t2i5, **chance,
             "num_images": float(sim.shape[0]), "num_texts": float(sim.shape[1])}
+
+
+def draw_retrieval(data: RetrievalSet, sim: torch.Tensor, out: Path) -> Path:
+    """Evenly spaced held-out images, each with its most similar captions (✓: one of its own) and their cosine."""
+    texts = get_tokenizer().batch_decode(data.text_ids.tolist(), skip_special_tokens=True)
+    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
+    panels = []
+    for i in range(0, sim.shape[0], max(1, sim.shape[0] // SHOWN_IMAGES))[:SHOWN_IMAGES]:
+        top = sim[i].topk(min(SHOWN_TEXTS, sim.shape[1])).indices.tolist()
+        right = [int(data.text_to_image[t]) == i for t in top]
+        lines = [f"{'✓' if ok else '✗'} {texts[t]} ({float(sim[i, t]):.2f})" for t, ok in zip(top, right)]
+        image = TF.to_pil_image((data.images[i].float() * std + mean).clamp(0, 1))
+        panels.append(Panel(images=[image], lines=["closest captions:", *lines], correct=right[0]))
+    return draw_panels(panels, out, f"zero-shot retrieval: {len(panels)} held-out images, evenly spaced ({out.stem})")

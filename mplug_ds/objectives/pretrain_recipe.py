@@ -6,7 +6,7 @@ from typing import Any
 
 from mplug_ds.config import to_dict
 from mplug_ds.data.streams import build_eval_set, build_train_stream
-from mplug_ds.engine.evaluate import zero_shot_retrieval
+from mplug_ds.engine.evaluate import retrieval_picture_path, zero_shot_retrieval
 from mplug_ds.engine.export import load_weights
 from mplug_ds.engine.recipe import Recipe, TrainStream
 from mplug_ds.engine.train_config import TrainConfig
@@ -62,7 +62,8 @@ class PretrainRecipe(Recipe):
         eval_set = build_eval_set(self.cfg.data, self.resolved.model.vision.image_size, e.max_samples, self.world)
         if eval_set is None:
             return {}
-        return zero_shot_retrieval(engine, self.module.model, eval_set, e.batch_size)
+        picture = retrieval_picture_path(self.cfg.output_dir, engine.global_steps) if self.world.rank == 0 else None
+        return zero_shot_retrieval(engine, self.module.model, eval_set, e.batch_size, picture)
 
     def extra_state(self) -> dict[str, Any] | None:
         return self.teacher.state_dict() if self.teacher is not None else None

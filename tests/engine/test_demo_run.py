@@ -6,6 +6,7 @@ first use, the run goes through the real launcher, and retrieval on the held-out
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from mplug_ds.data.demo_shards import world_dir
 from mplug_ds.engine.checkpoint import COMPLETE
@@ -43,4 +44,8 @@ def test_shortened_demo_generates_its_data_learns_retrieval_and_reports(tmp_path
     assert checkpoint.parent == out / "checkpoints" and (checkpoint / COMPLETE).exists()
     plot = Path(summary.split("plot: ")[1].split()[0])
     assert plot == out / "curves.png" and plot.read_bytes().startswith(b"\x89PNG")
+    picture = Path(summary.split("retrieval picture: ")[1].split()[0])
+    assert picture == out / "eval" / f"retrieval_step_{SHORT_STEPS:08d}.png"
+    with Image.open(picture) as image:  # the held-out images with their closest captions
+        assert image.format == "PNG" and min(image.size) >= 300
     assert "ETA" in output
