@@ -306,7 +306,6 @@ class ShardLoader:
         self.errors = DataErrors()
         self.errors.load_state_dict(state["errors"])
 
-
     def load_resharded(self, states: list[dict[str, Any]]) -> None:
         """Continue from positions saved by ``len(states)`` ranks on this loader's (different) number of ranks.
 

@@ -76,13 +76,14 @@ def zero_shot_retrieval(engine: Any, model: MPLUG, data: RetrievalSet, batch_siz
 
 def draw_retrieval(data: RetrievalSet, sim: torch.Tensor, out: Path) -> Path:
     """Evenly spaced held-out images, each with its most similar captions (✓: one of its own) and their cosine."""
-    texts = get_tokenizer().batch_decode(data.text_ids.tolist(), skip_special_tokens=True)
+    tokenizer = get_tokenizer()
     mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
     panels = []
     for i in range(0, sim.shape[0], max(1, sim.shape[0] // SHOWN_IMAGES))[:SHOWN_IMAGES]:
         top = sim[i].topk(min(SHOWN_TEXTS, sim.shape[1])).indices.tolist()
         right = [int(data.text_to_image[t]) == i for t in top]
-        lines = [f"{'✓' if ok else '✗'} {texts[t]} ({float(sim[i, t]):.2f})" for t, ok in zip(top, right)]
+        texts = tokenizer.batch_decode(data.text_ids[top].tolist(), skip_special_tokens=True)
+        lines = [f"{'✓' if ok else '✗'} {text} ({float(sim[i, t]):.2f})" for t, text, ok in zip(top, texts, right)]
         image = TF.to_pil_image((data.images[i].float() * std + mean).clamp(0, 1))
         panels.append(Panel(images=[image], lines=["closest captions:", *lines], correct=right[0]))
     return draw_panels(panels, out, f"zero-shot retrieval: {len(panels)} held-out images, evenly spaced ({out.stem})")

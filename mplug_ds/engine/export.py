@@ -31,13 +31,20 @@ MODEL_PREFIX = "model."  # PretrainModel and the task modules keep the online MP
 STAGE0_MODEL_FILE = "mp_rank_00_model_states.pt"
 
 
+def run_file(tag_dir: Path, name: str) -> Path | None:
+    """The file ``name`` (``model_config.yaml``, ``config.yaml``) saved by the run that wrote ``tag_dir``."""
+    for parent in (tag_dir.parent.parent, tag_dir.parent, tag_dir):
+        if (parent / name).is_file():
+            return parent / name
+    return None
+
+
 def find_run_model_config(tag_dir: Path) -> Path:
     """The ``model_config.yaml`` saved by the training run that wrote ``tag_dir``."""
-    for parent in (tag_dir.parent.parent, tag_dir.parent, tag_dir):
-        candidate = parent / "model_config.yaml"
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"no model_config.yaml found next to {tag_dir}; pass the model config explicitly")
+    found = run_file(tag_dir, "model_config.yaml")
+    if found is None:
+        raise FileNotFoundError(f"no model_config.yaml found next to {tag_dir}; pass the model config explicitly")
+    return found
 
 
 def read_module_state(tag_dir: Path, trusted: bool = False) -> dict[str, torch.Tensor]:
@@ -78,12 +85,11 @@ def _owned(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _run_task_name(tag_dir: Path) -> str:
     """``task.name`` of the run that wrote ``tag_dir`` (its saved ``config.yaml``)."""
-    for parent in (tag_dir.parent.parent, tag_dir.parent, tag_dir):
-        if (parent / "config.yaml").is_file():
-            task = (yaml.safe_load((parent / "config.yaml").read_text()) or {}).get("task") or {}
-            if task.get("name"):
-                return str(task["name"])
-    raise FileNotFoundError(f"{tag_dir} holds task tensors but no config.yaml with task.name was found next to it")
+    config = run_file(tag_dir, "config.yaml")
+    task = ((yaml.safe_load(config.read_text()) or {}).get("task") or {}) if config else {}
+    if not task.get("name"):
+        raise FileNotFoundError(f"{tag_dir} holds task tensors but no config.yaml with task.name was found next to it")
+    return str(task["name"])
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, model_config: str | None = None,

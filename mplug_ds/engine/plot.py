@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from mplug_ds.engine.logging import METRICS_FILE
+from mplug_ds.runtime.atomic import atomic_save_png
 
 PLOT_FILE = "curves.png"
 
@@ -89,9 +89,7 @@ def plot_run(run_dir: Path | str, out: Path | str | None = None) -> Path:
 
     fig.suptitle(f"{run_dir}: {len(steps)} steps")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")
-    fig.savefig(partial, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(partial, out)
-    return out
+    try:
+        return atomic_save_png(fig, out, dpi=100)
+    finally:
+        plt.close(fig)

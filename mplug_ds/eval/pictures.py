@@ -1,13 +1,14 @@
 """A picture of an evaluation: a grid of evaluated samples, each with its image(s), boxes and what was predicted."""
 from __future__ import annotations
 
-import os
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from PIL import Image
+
+from mplug_ds.runtime.atomic import atomic_save_png
 
 GROUND_TRUTH = "tab:green"
 PREDICTED = "tab:red"
@@ -54,12 +55,10 @@ def draw_panels(panels: Sequence[Panel], out: Path, title: str) -> Path:
         ax.set_title(text, fontsize=8, color=colour, loc="left")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")
-    fig.savefig(partial, format="png", dpi=90)
-    plt.close(fig)
-    os.replace(partial, out)
-    return out
+    try:
+        return atomic_save_png(fig, out, dpi=90)
+    finally:
+        plt.close(fig)
 
 
 def _side_by_side(images: Sequence[Image.Image], gap: int = 4) -> Image.Image:

@@ -42,6 +42,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def atomic_save_png(figure: Any, path: str | Path, dpi: int) -> Path:
+    """Save a matplotlib ``figure`` as a PNG at ``path`` atomically (its folder made if missing); returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=dpi)
+    return path
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` ``obj`` to ``path`` atomically."""
     with atomic_path(path) as tmp:

@@ -10,6 +10,7 @@ import dataclasses
 import random
 from abc import ABC, abstractmethod
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
@@ -42,6 +43,13 @@ def training_label_of_text(sources: Sequence[SourceConfig], limit: int, max_word
             overall[int(sample.label)] += 1
     fallback = overall.most_common(1)[0][0] if overall else None
     return {text: counts.most_common(1)[0][0] for text, counts in per_text.items()}, fallback
+
+
+@dataclass
+class ClassificationConfig:
+    """Options of a classification task (NLVR2, SNLI-VE; the head's width is the text width)."""
+
+    train_scan_samples: int = 100_000  # training samples read for the text-only baseline (labels only, no images)
 
 
 class ClassifierHead(nn.Module):
@@ -78,6 +86,7 @@ class ClassificationTask(FinetuneTask):
     loss_keys = ("loss",)
     metric = "acc"
     head_prefixes = ("head.",)
+    config_type = ClassificationConfig
     label_names: ClassVar[tuple[str, ...]]  # index = label id of the shards
     input_keys: ClassVar[tuple[str, ...]]  # batch tensors ``logits`` reads
     collate: ClassVar[Callable[[list[dict[str, Any]], int], dict[str, Any]]]

@@ -7,21 +7,12 @@ training preparation swaps the pair together with the words left/right, so both 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from mplug_ds.data.collate import collate_nlvr2
 from mplug_ds.data.formats.nlvr2 import LABELS
 from mplug_ds.models.mplug import MPLUG
 from mplug_ds.tasks.classification import Batch, ClassificationModel, ClassificationTask, ClassifierHead
-
-
-@dataclass
-class NLVR2Config:
-    """Options of NLVR2 (the head's width is the text width)."""
-
-    train_scan_samples: int = 100_000  # training samples read for the text-only baseline (labels only, no images)
 
 
 class NLVR2Model(ClassificationModel):
@@ -51,7 +42,6 @@ class NLVR2Task(ClassificationTask):
 
     name = "nlvr2"
     sample_task = "nlvr2"
-    config_type = NLVR2Config
     required_fields = ("images", "texts", "label")
     label_names = tuple(sorted(LABELS, key=LABELS.get))  # ("False", "True")
     input_keys = ("image0", "image1", "text_ids", "text_mask")

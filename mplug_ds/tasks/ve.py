@@ -2,21 +2,12 @@
 (three classes; our head, ``docs/tasks.md``): the hypothesis fused with the image, its fused [CLS] state → MLP."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from mplug_ds.data.collate import collate_ve
 from mplug_ds.data.formats.snli_ve import LABELS
 from mplug_ds.models.mplug import MPLUG
 from mplug_ds.tasks.classification import Batch, ClassificationModel, ClassificationTask, ClassifierHead
-
-
-@dataclass
-class VEConfig:
-    """Options of SNLI-VE (the head's width is the text width)."""
-
-    train_scan_samples: int = 100_000  # training samples read for the text-only baseline (labels only, no images)
 
 
 class VEModel(ClassificationModel):
@@ -39,7 +30,6 @@ class VETask(ClassificationTask):
 
     name = "ve"
     sample_task = "ve"
-    config_type = VEConfig
     required_fields = ("texts", "label")
     label_names = tuple(sorted(LABELS, key=LABELS.get))  # ("contradiction", "neutral", "entailment")
     input_keys = ("image", "text_ids", "text_mask")

@@ -1,6 +1,5 @@
 """NLVR2 and SNLI-VE: the heads, label names, accuracy and baseline, shard checks, exact 2-rank evaluation."""
 import json
-import os
 
 import pytest
 import torch
@@ -75,15 +74,6 @@ def test_accuracy_per_split_and_majority_baseline():
     assert majority_baseline(preds) == {"acc": pytest.approx(4 / 5)}  # always "1"
     task = build_task("ve")
     assert task.format_metric(metrics, majority_baseline(preds)).startswith("acc: 0.6000 vs majority class 0.8000")
-
-
-@pytest.fixture
-def single_process_env(monkeypatch):
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    yield
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        os.environ.pop(key, None)
 
 
 def test_shards_without_the_task_fields_fail_before_training(single_process_env, capsys, tmp_path):

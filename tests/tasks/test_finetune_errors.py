@@ -1,6 +1,4 @@
 """launch/finetune.py refuses bad input before any training starts, naming the thing and the fix."""
-import os
-
 import pytest
 
 from mplug_ds.tasks import TASKS
@@ -8,14 +6,7 @@ from mplug_ds.tasks.cli import EXIT_CONFIG_ERROR, main
 from tests.data.shard_utils import write_caption_shards, write_manifest
 from tests.tasks.task_data import shard_overrides, write_export, write_grounding_shards
 
-
-@pytest.fixture(autouse=True)
-def single_process_env(monkeypatch):
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    yield
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        os.environ.pop(key, None)
+pytestmark = pytest.mark.usefixtures("single_process_env")
 
 
 def _fails(capsys, *argv):
