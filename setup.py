@@ -8,7 +8,7 @@ setup(
     packages=find_packages(include=["mplug_ds", "mplug_ds.*"]),
     package_data={"mplug_ds": ["configs/**/*.yaml", "configs/**/*.json", "data/assets/**/*"]},
     python_requires=">=3.10",
-    entry_points={"console_scripts": ["mplug-pretrain=mplug_ds.engine.cli:entry"]},
+    entry_points={"console_scripts": ["mplug-pretrain=mplug_ds.objectives.cli:entry"]},
     install_requires=[
         "torch>=2.4",
         "torchvision",

@@ -6,7 +6,7 @@
 
 See docs/multi_node.md for multi-node runs and mplug_ds/configs/pretrain/*.yaml for every option.
 """
-from mplug_ds.engine.cli import main
+from mplug_ds.objectives.cli import main
 from mplug_ds.runtime.failure import hard_exit
 
 if __name__ == "__main__":

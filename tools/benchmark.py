@@ -28,8 +28,7 @@ import torch
 
 from mplug_ds.engine.flops import TextLengths, device_peak_tflops, pretrain_flops_per_sample
 from mplug_ds.engine.logging import peak_memory_gb
-from mplug_ds.engine.train_config import load_train_config
-from mplug_ds.engine.validate import validate
+from mplug_ds.objectives.pretrain_config import load_train_config, validate
 from mplug_ds.runtime.guards import StopRequest
 from mplug_ds.runtime.launch_env import prepare_world_env
 

@@ -2,7 +2,7 @@
 
 The ``Trainer`` owns what every training run shares: DeepSpeed, the optimizer and learning-rate schedule,
 gradient accumulation, the non-finite guard, checkpoints and exact resume, logging and SIGTERM handling. A
-``Recipe`` owns the rest. Pre-training is one recipe (``mplug_ds.objectives.pretrain_recipe``); fine-tuning tasks
+``Recipe`` owns the rest. Pre-training is one recipe (``objectives/pretrain_recipe.py``); fine-tuning tasks
 and TiMix are others. The ``Trainer`` calls, in this order::
 
     recipe = make_recipe(world)            after torch.distributed is up and every rank is seeded alike, so the

@@ -1,18 +1,14 @@
-"""The pre-training run configuration: one dataclass tree loaded from ``mplug_ds/configs/pretrain/*.yaml``.
+"""The engine's configuration: the sections every run shares (``EngineConfig``) and the model section.
 
-Built once per run (YAML + ``key=value`` overrides), validated before any process starts work, and saved
-beside the run's outputs as ``config.yaml``.
+Each run config extends ``EngineConfig`` with its own sections: pre-training's ``TrainConfig``
+(``objectives/pretrain_config.py``), fine-tuning's ``FinetuneConfig`` (``tasks/finetune_config.py``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
-from mplug_ds.config import load_config
-from mplug_ds.data.streams import DataSection
-from mplug_ds.objectives.pretrain import PretrainConfig
-from mplug_ds.objectives.timix import TimixConfig
 
 Precision = Literal["bf16", "fp16", "fp32"]
 
@@ -98,15 +94,6 @@ class LoggingSection:
 
 
 @dataclass
-class EvalSection:
-    """End-of-run zero-shot retrieval on a held-out split (demo: its test split)."""
-
-    retrieval: bool = True  # run zero-shot image-text retrieval after the last step
-    max_samples: int = 256  # held-out images used (with all their captions)
-    batch_size: int = 32  # images or captions encoded at once
-
-
-@dataclass
 class RunSection:
     """Where outputs go and how the run behaves."""
 
@@ -141,22 +128,6 @@ class EngineConfig:
     @property
     def checkpoint_dir(self) -> Path:
         return self.output_dir / "checkpoints"
-
-
-@dataclass
-class TrainConfig(EngineConfig):
-    """Everything one pre-training run needs: the engine sections plus model, objective, data and eval."""
-
-    model: ModelSection = field(default_factory=ModelSection)
-    objective: PretrainConfig = field(default_factory=PretrainConfig)
-    data: DataSection = field(default_factory=DataSection)
-    eval: EvalSection = field(default_factory=EvalSection)
-    timix: TimixConfig = field(default_factory=TimixConfig)  # TiMix pre-training (off by default)
-
-
-def load_train_config(name_or_path: str | Path = "demo", overrides: Sequence[str] = ()) -> TrainConfig:
-    """Load a pre-training config by name (``demo``, ``base``, ``large``) or YAML path, with overrides."""
-    return load_config(TrainConfig, "pretrain", name_or_path, overrides)
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:

@@ -1,7 +1,9 @@
-"""Check a ``TrainConfig`` completely before any process starts work; every failure is a ``ConfigError``."""
+"""Check the engine sections of a run config before any process starts work; every failure is a ``ConfigError``.
+
+A run's own sections are checked by its validation (``objectives/pretrain_config.py``, ``tasks/cli.py``).
+"""
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -11,16 +13,10 @@ from typing import Any
 import torch
 
 from mplug_ds.config import ConfigError
-from mplug_ds.data.pipeline import check_config, check_shard_files
-from mplug_ds.data.region_streams import region_pipeline_config
-from mplug_ds.data.streams import pipeline_config
 from mplug_ds.engine.checkpoint import CheckpointLayout, checkpoint_layout, resolve_resume
 from mplug_ds.engine.ds_config import build_ds_config, zero_stage
 from mplug_ds.engine.logging import check_report_to
-from mplug_ds.engine.train_config import EngineConfig, TrainConfig
-from mplug_ds.models.config import ModelConfig, load_model_config
-from mplug_ds.objectives.pretrain import PretrainConfig
-from mplug_ds.objectives.timix_mixing import side_range
+from mplug_ds.engine.train_config import EngineConfig
 
 
 @dataclass
@@ -29,14 +25,6 @@ class ResolvedEngine:
 
     ds_config: dict[str, Any]
     report_to: list[str]
-
-
-@dataclass
-class ResolvedRun(ResolvedEngine):
-    """A validated pre-training run: the engine's part plus the model and objective configs."""
-
-    model: ModelConfig
-    objective: PretrainConfig
 
 
 def resolve_batch(cfg: EngineConfig, world_size: int) -> None:
@@ -182,81 +170,3 @@ def validate_engine(cfg: EngineConfig, world_size: int) -> ResolvedEngine:
                               "(deepspeed.config=zero1/zero2/zero3)")
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     return ResolvedEngine(ds_config=ds_config, report_to=report_to)
-
-
-def validate(cfg: TrainConfig, world_size: int) -> ResolvedRun:
-    """Validate a pre-training config completely (engine sections, data, model, objective)."""
-    engine = validate_engine(cfg, world_size)
-    d = cfg.data
-    if d.source == "shards" and not d.pipeline.sources:
-        raise ConfigError("data.pipeline.sources is required when data.source=shards, e.g. "
-                          "[{name: cc3m, shards: '/data/cc3m/{000000..000331}.tar', manifest: /data/cc3m/manifest.json}]")
-    for key, value in (("eval.batch_size", cfg.eval.batch_size), ("eval.max_samples", cfg.eval.max_samples)):
-        if value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}")
-    if d.pipeline.num_workers < 0:
-        raise ConfigError(f"data.pipeline.num_workers must be >= 0 (0 reads in the training process), "
-                          f"got {d.pipeline.num_workers}")
-    if d.eval_shards:
-        try:
-            check_shard_files(d.eval_shards, "data.eval_shards")
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-    if d.max_text_len < 4:
-        raise ConfigError(f"data.max_text_len must be >= 4, got {d.max_text_len}")
-    if cfg.model.init_vision_from and not Path(cfg.model.init_vision_from).expanduser().is_file():
-        raise ConfigError(f"model.init_vision_from: {cfg.model.init_vision_from} is not a file (pass an OpenAI-CLIP "
-                          "or open_clip state-dict file)")
-    if cfg.model.init_text_from and not (Path(cfg.model.init_text_from).expanduser() / "config.json").is_file():
-        raise ConfigError(f"model.init_text_from: {cfg.model.init_text_from} has no config.json (pass a Hugging "
-                          "Face BERT model directory)")
-    if cfg.model.init_from and not (Path(cfg.model.init_from).expanduser() / "model.safetensors").is_file():
-        raise ConfigError(f"model.init_from: {cfg.model.init_from} has no model.safetensors "
-                          "(give a directory written by tools/export_checkpoint.py)")
-    try:
-        model = load_model_config(cfg.model.name, cfg.model.override_list())
-    except ConfigError as err:
-        raise ConfigError(f"model: {err}") from None
-    if d.source == "shards":
-        try:
-            check_config(pipeline_config(cfg.data, cfg.batch.micro_batch_per_gpu, model.vision.image_size,
-                                         model.vision.patch_size), where="data.pipeline")
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-    o = cfg.objective
-    if not 0 <= o.alpha <= 1 or not 0 <= o.momentum < 1 or not 0 < o.mlm_probability < 1:
-        raise ConfigError(f"objective: alpha must be in [0, 1] (got {o.alpha}), momentum in [0, 1) (got {o.momentum}) "
-                          f"and mlm_probability in (0, 1) (got {o.mlm_probability})")
-    model = resolve_timix(cfg, model)
-    return ResolvedRun(ds_config=engine.ds_config, report_to=engine.report_to, model=model, objective=o)
-
-
-def resolve_timix(cfg: TrainConfig, model: ModelConfig) -> ModelConfig:
-    """Check the ``timix`` section; with TiMix on, the model config gains its patch predictor's block."""
-    t = cfg.timix
-    if not t.enabled:
-        return model
-    layer = t.layer_for(model.vision.layers)
-    if not 0 <= layer < model.vision.layers:
-        raise ConfigError(f"timix.predictor_layer={layer} is outside the ViT's blocks 0..{model.vision.layers - 1}")
-    if model.patch_predictor_layer not in (None, layer):
-        raise ConfigError(f"model patch_predictor_layer={model.patch_predictor_layer} disagrees with "
-                          f"timix.predictor_layer ({layer}); set only timix.predictor_layer")
-    try:
-        side_range(model.vision.image_size // model.vision.patch_size, t.min_side_ratio, t.max_side_ratio)
-    except ValueError as err:
-        raise ConfigError(f"timix: {err}") from None
-    if t.step_order == "reference_three_steps" and cfg.batch.grad_accum_steps != 1:
-        raise ConfigError("timix.step_order=reference_three_steps takes three optimizer steps per batch and needs "
-                          f"batch.grad_accum_steps=1 (got {cfg.batch.grad_accum_steps})")
-    if cfg.data.source == "shards":
-        if not t.regions.sources:
-            raise ConfigError("timix.regions.sources is required with data.source=shards: region shards (make_shards "
-                              "vg-regions / vg-objects / refcoco / xvlm-regions), e.g. "
-                              "[{name: vg, shards: '/data/vg_regions/{000000..000107}.tar'}]")
-        try:
-            check_config(region_pipeline_config(t.regions, t.region_images_per_gpu, model.vision.image_size,
-                                                model.vision.patch_size, cfg.data.max_text_len), where="timix.regions")
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-    return dataclasses.replace(model, patch_predictor_layer=layer)

@@ -6,11 +6,10 @@ from typing import Any
 
 from mplug_ds.config import to_dict
 from mplug_ds.data.streams import build_eval_set, build_train_stream
-from mplug_ds.engine.evaluate import retrieval_picture_path, zero_shot_retrieval
+from mplug_ds.objectives.zero_shot import retrieval_picture_path, zero_shot_retrieval
 from mplug_ds.engine.export import load_weights
 from mplug_ds.engine.recipe import Recipe, TrainStream
-from mplug_ds.engine.train_config import TrainConfig
-from mplug_ds.engine.validate import ResolvedRun
+from mplug_ds.objectives.pretrain_config import ResolvedRun, TrainConfig
 from mplug_ds.models.mplug import build_model
 from mplug_ds.models.weights import init_public_weights
 from mplug_ds.objectives.pretrain import PretrainModel

@@ -13,8 +13,7 @@ from mplug_ds.data.pipeline import ShardLoader
 from mplug_ds.data.region_streams import SyntheticRegionBatches, WithRegions, region_pipeline_config
 from mplug_ds.data.streams import EndlessShardBatches
 from mplug_ds.engine.recipe import TrainStream
-from mplug_ds.engine.train_config import TrainConfig
-from mplug_ds.engine.validate import ResolvedRun
+from mplug_ds.objectives.pretrain_config import ResolvedRun, TrainConfig
 from mplug_ds.objectives.pretrain_recipe import LOSS_KEYS, PretrainRecipe
 from mplug_ds.objectives.timix import LOG_KEYS, TimixPretrainModel
 from mplug_ds.runtime.launch_env import WorldInfo

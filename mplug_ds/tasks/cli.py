@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from mplug_ds.config import ConfigError, config_keys, format_config_keys
-from mplug_ds.engine.cli import add_run_arguments, run_overrides, write_plot
+from mplug_ds.engine.cli import EXIT_CONFIG_ERROR, add_run_arguments, run_overrides, write_plot
 from mplug_ds.engine.validate import validate_engine
 from mplug_ds.models.config import ModelConfig, load_model_config
 from mplug_ds.runtime.failure import exit_hard_on_failure
@@ -24,8 +24,6 @@ from mplug_ds.tasks.checks import check_task_shards
 from mplug_ds.tasks.finetune_config import FinetuneConfig, load_finetune_config
 from mplug_ds.tasks.pretrained import EXPORT_FILE, check_pretrained, check_task_weights
 from mplug_ds.tasks.recipe import ResolvedTask, TaskRecipe, resolve_task_shards
-
-EXIT_CONFIG_ERROR = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,8 +84,8 @@ def validate_task(cfg: FinetuneConfig, world_size: int) -> ResolvedTask:
     sources, eval_shards = [], None
     if cfg.data.source == "shards":
         if not cfg.data.pipeline.sources:
-            raise ConfigError(f"data.pipeline.sources is required when data.source=shards, e.g. [{{name: refcoco, "
-                              f"shards: '/data/refcoco/{{000000..000012}}.tar', manifest: /data/refcoco/manifest.json}}]")
+            raise ConfigError("data.pipeline.sources is required when data.source=shards, e.g. [{name: refcoco, "
+                              "shards: '/data/refcoco/{000000..000012}.tar', manifest: /data/refcoco/manifest.json}]")
         for i, src in enumerate(cfg.data.pipeline.sources):
             check_task_shards(task, src.shards, f"data.pipeline.sources[{i}].shards")
         sources, eval_shards = list(cfg.data.pipeline.sources), cfg.data.eval_shards
@@ -118,7 +116,7 @@ def ensure_demo_pretrained(cfg: FinetuneConfig) -> Path:
         return export
     run_dir = world_dir(cache) / "pretrain_run"
     print(f"no demo pre-training checkpoint in {export}: running the demo pre-training first ({run_dir})", flush=True)
-    code = "import sys; from mplug_ds.engine.cli import main; sys.exit(main())"
+    code = "import sys; from mplug_ds.objectives.cli import main; sys.exit(main())"
     # One process with ZeRO kept: DeepSpeed's zero_to_fp32 (the export) cannot read a stage-0 checkpoint.
     command = [sys.executable, "-c", code, "--config", "demo", "--output-dir", str(run_dir), "--resume", "auto",
                f"data.cache_dir={cache}", "deepspeed.zero_on_one_rank=true", *cfg.task.demo_pretrain]

@@ -9,7 +9,7 @@ from mplug_ds.config import ConfigError
 from mplug_ds.data.batch import CAPTION_TENSORS
 from mplug_ds.data.streams import EndlessShardBatches, build_eval_set, build_train_stream
 from mplug_ds.data.synthetic import SyntheticPretrainBatches
-from mplug_ds.engine.train_config import load_train_config
+from mplug_ds.objectives.pretrain_config import load_train_config
 from mplug_ds.runtime.launch_env import WorldInfo
 
 WORLD = WorldInfo(rank=0, local_rank=0, world_size=1)

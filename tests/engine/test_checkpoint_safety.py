@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from mplug_ds.engine.checkpoint import rank_state_file, tag_for
-from mplug_ds.engine.train_config import load_train_config
+from mplug_ds.objectives.pretrain_config import load_train_config, validate
 from mplug_ds.engine.trainer import Trainer
-from mplug_ds.engine.validate import validate
 from mplug_ds.objectives.pretrain_recipe import PretrainRecipe
 from mplug_ds.runtime import safe_load
 from mplug_ds.runtime.safe_load import UntrustedCheckpointError

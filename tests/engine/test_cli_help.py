@@ -5,7 +5,7 @@ import sys
 import typing
 
 from mplug_ds.config import to_dict
-from mplug_ds.engine.train_config import TrainConfig, load_train_config
+from mplug_ds.objectives.pretrain_config import TrainConfig, load_train_config
 from mplug_ds.models.config import ModelConfig
 from tests.engine.engine_runs import PRETRAIN
 from tests.processes import run_checked

@@ -5,7 +5,7 @@ import pytest
 
 from mplug_ds.config import ConfigError
 from mplug_ds.engine.ds_config import DS_CONFIG_DIR, build_ds_config, offloads_optimizer, zero_stage
-from mplug_ds.engine.train_config import load_train_config
+from mplug_ds.objectives.pretrain_config import load_train_config
 
 TEMPLATES = ["zero1", "zero2", "zero3", "zero3_offload"]
 

@@ -6,9 +6,8 @@ from functools import partial
 
 import pytest
 
-from mplug_ds.engine.train_config import load_train_config
+from mplug_ds.objectives.pretrain_config import load_train_config, validate
 from mplug_ds.engine.trainer import Trainer
-from mplug_ds.engine.validate import validate
 from mplug_ds.objectives.pretrain_recipe import PretrainRecipe
 from tests.engine.engine_runs import step_losses
 

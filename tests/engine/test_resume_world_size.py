@@ -13,9 +13,8 @@ from mplug_ds.config import ConfigError
 from mplug_ds.engine.checkpoint import TEACHER_FILE, UNIVERSAL, rank_state_file, tag_for
 from mplug_ds.engine.export import consolidate
 from mplug_ds.engine.schedule import WarmupCosine
-from mplug_ds.engine.train_config import load_train_config
+from mplug_ds.objectives.pretrain_config import load_train_config, validate
 from mplug_ds.engine.trainer import Trainer
-from mplug_ds.engine.validate import validate
 from mplug_ds.models.config import load_model_config
 from mplug_ds.objectives.pretrain_recipe import PretrainRecipe
 from mplug_ds.runtime.guards import StopRequest

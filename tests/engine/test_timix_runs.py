@@ -5,9 +5,8 @@ import math
 import pytest
 import torch
 
-from mplug_ds.engine.train_config import load_train_config
+from mplug_ds.objectives.pretrain_config import load_train_config, validate
 from mplug_ds.engine.trainer import Trainer
-from mplug_ds.engine.validate import validate
 from mplug_ds.objectives.timix_recipe import TimixRecipe, pretrain_recipe
 from tests.engine.engine_runs import deepspeed_command, run, step_losses
 

@@ -19,9 +19,8 @@ from mplug_ds.engine.checkpoint import (
     resolve_resume,
     tag_for,
 )
-from mplug_ds.engine.train_config import load_train_config
+from mplug_ds.objectives.pretrain_config import load_train_config, validate
 from mplug_ds.engine.trainer import Trainer
-from mplug_ds.engine.validate import validate
 from mplug_ds.objectives.pretrain_recipe import PretrainRecipe
 from mplug_ds.runtime.atomic import atomic_torch_save, atomic_write_text
 from mplug_ds.runtime.guards import NonFiniteLossError, StopRequest

@@ -4,9 +4,8 @@ import json
 import pytest
 
 from mplug_ds.config import ConfigError, available_configs
-from mplug_ds.engine.cli import main
-from mplug_ds.engine.train_config import load_train_config
-from mplug_ds.engine.validate import validate
+from mplug_ds.objectives.cli import main
+from mplug_ds.objectives.pretrain_config import load_train_config, validate
 from tests.data.shard_utils import write_caption_shards, write_manifest
 
 

@@ -67,6 +67,7 @@ def test_recalls_and_chance():
     assert metrics["tr_r5"] == 100.0
     chance = chance_recalls([i // 5 for i in range(500)], 100)
     assert chance["ir_r1"] == pytest.approx(1.0) and chance["tr_r1"] == pytest.approx(1.0)
+    assert chance["ir_r5"] == pytest.approx(5.0) and 4.9 < chance["tr_r5"] < 5.0  # 5 draws without replacement
 
 
 def test_topk_rerank_matches_brute_force_on_one_rank():

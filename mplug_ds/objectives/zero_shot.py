@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from mplug_ds.data.batch import RetrievalSet
 from mplug_ds.data.tokenizer import get_tokenizer
 from mplug_ds.data.transforms import CLIP_MEAN, CLIP_STD
 from mplug_ds.eval.pictures import Panel, draw_panels
+from mplug_ds.eval.retrieval import chance_recalls
 from mplug_ds.models.mplug import MPLUG
 
 SHOWN_IMAGES, SHOWN_TEXTS = 8, 3
@@ -31,15 +31,6 @@ def recall_at_k(sim: torch.Tensor, text_to_image: torch.Tensor, k: int) -> tuple
     top_texts = sim.topk(min(k, sim.shape[1]), dim=1).indices  # per image
     i2t = (text_to_image[top_texts] == torch.arange(sim.shape[0])[:, None]).any(dim=1).float().mean().item()
     return i2t, t2i
-
-
-def chance_recall(text_to_image: torch.Tensor, num_images: int, k: int) -> tuple[float, float]:
-    """``(image→text, text→image)`` R@k expected from a random ranking: the floor every figure is read against."""
-    num_texts = len(text_to_image)
-    per_image = torch.bincount(text_to_image, minlength=num_images).tolist()
-    k_texts, k_images = min(k, num_texts), min(k, num_images)
-    misses = [math.comb(num_texts - n, k_texts) / math.comb(num_texts, k_texts) for n in per_image]
-    return 1 - sum(misses) / num_images, k_images / num_images
 
 
 @torch.no_grad()
@@ -63,8 +54,9 @@ def zero_shot_retrieval(engine: Any, model: MPLUG, data: RetrievalSet, batch_siz
     sim = (torch.cat(image_feats) @ torch.cat(text_feats).t()).float().cpu()
     i2t1, t2i1 = recall_at_k(sim, data.text_to_image, 1)
     i2t5, t2i5 = recall_at_k(sim, data.text_to_image, 5)
-    chance = {f"{d}_r{k}_chance": v for k in (1, 5)
-              for d, v in zip(("i2t", "t2i"), chance_recall(data.text_to_image, sim.shape[0], k))}
+    chance_pct = chance_recalls(data.text_to_image.tolist(), sim.shape[0])
+    chance = {f"{d}_r{k}_chance": chance_pct[f"{name}_r{k}"] / 100 for k in (1, 5)
+              for d, name in (("i2t", "tr"), ("t2i", "ir"))}
     if picture is not None:
         try:  # a picture that cannot be drawn must not end the run
             draw_retrieval(data, sim, picture)
