@@ -38,6 +38,7 @@ from mplug_ds.engine.recipe import Recipe
 from mplug_ds.engine.schedule import WarmupCosine, group_lr, param_groups
 from mplug_ds.engine.train_config import EngineConfig
 from mplug_ds.engine.validate import ResolvedEngine
+from mplug_ds.runtime import collectives
 from mplug_ds.runtime.atomic import atomic_write_text
 from mplug_ds.runtime.failure import LauncherWatch
 from mplug_ds.runtime.guards import NonFiniteGuard, StopRequest
@@ -73,6 +74,7 @@ class Trainer:
                  make_recipe: Callable[[WorldInfo], Recipe]) -> None:
         self.cfg, self.resolved, self.world = cfg, resolved, world
         set_deterministic(cfg.run.deterministic)
+        collectives.install()  # before the process group: DeepSpeed's backend binds the recorded collectives
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                    timeout=timedelta(seconds=cfg.run.collective_timeout_s))
         release_cpu_comm_segment(world.rank)
