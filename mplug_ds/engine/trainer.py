@@ -18,7 +18,6 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -38,11 +37,10 @@ from mplug_ds.engine.recipe import Recipe
 from mplug_ds.engine.schedule import WarmupCosine, group_lr, param_groups
 from mplug_ds.engine.train_config import EngineConfig
 from mplug_ds.engine.validate import ResolvedEngine
-from mplug_ds.runtime import collectives
 from mplug_ds.runtime.atomic import atomic_write_text
 from mplug_ds.runtime.failure import LauncherWatch
 from mplug_ds.runtime.guards import NonFiniteGuard, StopRequest
-from mplug_ds.runtime.launch_env import WorldInfo, release_cpu_comm_segment
+from mplug_ds.runtime.launch_env import WorldInfo, init_distributed
 from mplug_ds.runtime.rng import rng_state, seed_everything, set_deterministic, set_rng_state
 
 log = logging.getLogger("mplug_ds.train")
@@ -74,10 +72,7 @@ class Trainer:
                  make_recipe: Callable[[WorldInfo], Recipe]) -> None:
         self.cfg, self.resolved, self.world = cfg, resolved, world
         set_deterministic(cfg.run.deterministic)
-        collectives.install()  # before the process group: DeepSpeed's backend binds the recorded collectives
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
-                                   timeout=timedelta(seconds=cfg.run.collective_timeout_s))
-        release_cpu_comm_segment(world.rank)
+        init_distributed(cfg.run.collective_timeout_s)
         accel = get_accelerator()
         if accel.device_name() == "cuda":
             accel.set_device(world.local_rank)

@@ -2,7 +2,7 @@
 step it belongs to.
 
 ``install()`` wraps the ``torch.distributed`` collectives once per process, before the process group starts
-(``Trainer`` calls it before ``deepspeed.init_distributed``, so DeepSpeed's communication backend binds the wrapped
+(``runtime.launch_env.init_distributed`` calls it first, so DeepSpeed's communication backend binds the wrapped
 functions). DeepSpeed's ZeRO traffic and our own calls (loss agreement, contrastive all-gathers, the teacher) are seen
 alike. A collective called inside another (``all_gather_object`` → ``all_gather``) counts once, as the outer one.
 The cost is one Python frame walk and a few appends per collective.

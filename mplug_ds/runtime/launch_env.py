@@ -77,24 +77,39 @@ def prepare_world_env() -> WorldInfo:
     return WorldInfo(rank=int(env["RANK"]), local_rank=int(env["LOCAL_RANK"]), world_size=int(env["WORLD_SIZE"]))
 
 
-def release_cpu_comm_segment(rank: int) -> None:
-    """Unlink the shared-memory segment DeepSpeed's CPU communication op creates for this rank.
+def init_distributed(collective_timeout_s: float) -> None:
+    """Start this rank's process group the one way every entry point does: the collective recorder first (so
+    DeepSpeed's backend binds the recorded functions), DeepSpeed's CPU shared-memory op skipped, then
+    ``deepspeed.init_distributed`` with ``run.collective_timeout_s``. A second call does nothing."""
+    from datetime import timedelta
 
-    On CPU, ``deepspeed.init_distributed`` maps a 66 MB ``/dev/shm`` segment per rank, named after the rendezvous
-    address and port, and never unlinks it: every run would leave its segments behind in memory. Once every rank
-    has mapped every other rank's segment (the barrier), removing the names frees them when the ranks exit.
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    from mplug_ds.runtime import collectives
+
+    collectives.install()
+    skip_cpu_shm_comm()
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                               timeout=timedelta(seconds=collective_timeout_s))
+
+
+def skip_cpu_shm_comm() -> None:
+    """On a machine without CUDA, keep DeepSpeed from building and mapping its shared-memory all-reduce op.
+
+    DeepSpeed uses that op only for its inference all-reduce (tensor-parallel serving); training collectives go
+    through gloo either way. Without this every rank JIT-compiles it (about a minute of compiler time on a fresh
+    machine, and again whenever torch's extension build decides the cached one is stale) and maps a 66 MB
+    ``/dev/shm`` segment that DeepSpeed never unlinks. DeepSpeed keeps its table of usable ops in one dict that it
+    reads here (``deepspeed.ops.__compatible_ops__``), so marking the op unusable there is enough.
     """
-    import torch.distributed as dist
+    import torch
 
-    if not dist.is_initialized() or dist.get_backend() != "gloo":
+    if torch.cuda.is_available():
         return
-    dist.barrier()
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
-    try:
-        os.unlink(os.path.join("/dev/shm", name))
-    except FileNotFoundError:
-        pass
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def limit_cpu_threads(threads: int) -> None:

@@ -17,8 +17,8 @@ from mplug_ds.engine.cli import EXIT_CONFIG_ERROR, add_run_arguments, run_overri
 from mplug_ds.engine.validate import validate_engine
 from mplug_ds.models.config import ModelConfig, load_model_config
 from mplug_ds.runtime.failure import exit_hard_on_failure
-from mplug_ds.runtime.launch_env import (EXIT_PORT_IN_USE, PortInUseError, WorldInfo, limit_cpu_threads,
-                                         start_rank)
+from mplug_ds.runtime.launch_env import (EXIT_PORT_IN_USE, PortInUseError, WorldInfo, init_distributed,
+                                         limit_cpu_threads, start_rank)
 from mplug_ds.tasks import TASKS, build_task
 from mplug_ds.tasks.checks import check_task_shards
 from mplug_ds.tasks.finetune_config import FinetuneConfig, load_finetune_config
@@ -128,11 +128,9 @@ def ensure_demo_pretrained(cfg: FinetuneConfig) -> Path:
 
 def prepare_demo(cfg: FinetuneConfig, resolved: ResolvedTask, world: WorldInfo) -> None:
     """Demo runs: rank 0 prepares the task shards and the pre-training checkpoint; every rank learns the outcome."""
-    import deepspeed
     import torch.distributed as dist
-    from deepspeed.accelerator import get_accelerator
 
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    init_distributed(cfg.run.collective_timeout_s)
     outcome: list = [None]
     if world.rank == 0:
         try:
@@ -202,7 +200,6 @@ def train(cfg: FinetuneConfig, resolved: ResolvedTask, world: WorldInfo) -> int:
 
 def evaluate_only(cfg: FinetuneConfig, resolved: ResolvedTask, world: WorldInfo) -> int:
     """Evaluate ``task.pretrained`` (no training): every sample once over all ranks; rank 0 reports."""
-    import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     from mplug_ds.models.mplug import build_model
@@ -210,7 +207,7 @@ def evaluate_only(cfg: FinetuneConfig, resolved: ResolvedTask, world: WorldInfo)
     from mplug_ds.tasks.pretrained import load_pretrained, load_task_weights
     from mplug_ds.tasks.recipe import task_data_config
 
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    init_distributed(cfg.run.collective_timeout_s)
     accel = get_accelerator()
     device = torch.device(accel.device_name(world.local_rank) if accel.device_name() == "cuda" else "cpu")
     model = build_model(resolved.model)
