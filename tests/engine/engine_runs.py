@@ -16,12 +16,23 @@ from tests.processes import REPO, child_env, kill_group, run_checked, timeout
 
 PRETRAIN = REPO / "launch" / "pretrain.py"
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+RANKS = REPO / "tests" / "ranks.py"
 
 
-def deepspeed_command(out_dir: Path, args: list[str], num_ranks: int = 2) -> list[str]:
-    """``deepspeed --num_gpus N launch/pretrain.py ARGS run.output_dir=OUT`` on a free port."""
-    return [str(DEEPSPEED), "--master_port", str(free_port()), "--num_gpus", str(num_ranks), str(PRETRAIN),
-            *args, f"run.output_dir={out_dir}"]
+def launch(script: Path, args: list, num_ranks: int = 2, launcher: str = "ranks") -> list[str]:
+    """The command that runs ``script ARGS`` on ``num_ranks`` CPU ranks on a free port: under ``tests/ranks.py``
+    (the default: torchrun's rank environment, none of the ``deepspeed`` launcher's start-up) or, with
+    ``launcher="deepspeed"``, the real ``deepspeed --num_gpus N`` where the launcher's own behaviour is tested."""
+    if launcher == "deepspeed":
+        head = [str(DEEPSPEED), "--master_port", str(free_port()), "--num_gpus", str(num_ranks)]
+    else:
+        head = [sys.executable, str(RANKS), "--num_ranks", str(num_ranks), "--master_port", str(free_port())]
+    return [*head, str(script), *map(str, args)]
+
+
+def deepspeed_command(out_dir: Path, args: list[str], num_ranks: int = 2, launcher: str = "ranks") -> list[str]:
+    """``launch/pretrain.py ARGS run.output_dir=OUT`` on ``num_ranks`` ranks (see ``launch``)."""
+    return launch(PRETRAIN, [*args, f"run.output_dir={out_dir}"], num_ranks, launcher)
 
 
 def run(command: list[str], seconds: float = 300) -> str:
