@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 
 from mplug_ds.config import ConfigError, config_keys, format_config_keys
+from mplug_ds.data.data_config import check_full_batches
 from mplug_ds.engine.cli import EXIT_CONFIG_ERROR, add_run_arguments, run_overrides, write_plot
 from mplug_ds.engine.validate import validate_engine
 from mplug_ds.models.config import ModelConfig, load_model_config
@@ -79,6 +80,10 @@ def validate_task(cfg: FinetuneConfig, world_size: int) -> ResolvedTask:
     task.check_run(cfg.batch.micro_batch_per_gpu, cfg.batch.micro_batch_per_gpu * world_size)
     if cfg.eval.every_steps < 0 or cfg.eval.batch_size < 1:
         raise ConfigError("eval.every_steps must be >= 0 and eval.batch_size >= 1")
+    try:
+        check_full_batches(cfg.data.pipeline, "data.pipeline")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if cfg.task.pretrained:
         check_pretrained(cfg.task.pretrained, model)
     sources, eval_shards = [], None
