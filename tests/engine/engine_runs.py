@@ -56,16 +56,18 @@ class Ended:
 
 
 def run_until_all_exit(command: list[str], limit: float = 60.0, mark: str | None = None, fault: str | None = None,
-                       startup: float = 300.0, on_mark: Callable[[subprocess.Popen], None] | None = None) -> Ended:
+                       startup: float = 300.0, on_mark: Callable[[subprocess.Popen], None] | None = None,
+                       env: dict[str, str] | None = None) -> Ended:
     """Run in a new process group and wait until every process in it has exited.
 
     Fails when that takes more than ``limit`` seconds after ``mark`` first appears in the output (from the
     start without a mark; the mark itself may take ``startup`` seconds). ``fault`` sets ``MPLUG_DS_FAULT`` and
     puts ``tests/engine/faults`` first on the ranks' path; ``on_mark(proc)`` runs once the mark is seen. The whole
     group is SIGKILLed on the way out. ``limit`` and ``startup`` are scaled by ``MPLUG_DS_TEST_TIMEOUT_SCALE``.
+    ``env``: the environment to start from (default ``child_env()``).
     """
     limit, startup = timeout(limit), timeout(startup)
-    env = child_env()
+    env = dict(env) if env is not None else child_env()
     if fault:
         env["MPLUG_DS_FAULT"] = fault
         env["PYTHONPATH"] = os.pathsep.join([str(FAULTS), *filter(None, [env.get("PYTHONPATH")])])
