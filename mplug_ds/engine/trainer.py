@@ -236,7 +236,7 @@ class Trainer:
         started = time.perf_counter()
         good = 0
         stop_requested = False
-        watchdog.phase("train", self.state.step + 1)
+        watchdog.phase("train", self.state.step + 1, long=self.session_samples == 0)  # the first step warms up
         while good < accum:
             watchdog.beat(micro_batch=f"{good + 1}/{accum}", samples_seen=self.state.samples_seen)
             if self._any_rank(stop.requested):

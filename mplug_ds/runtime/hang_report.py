@@ -23,6 +23,13 @@ REPORT = "report.txt"
 TRIGGER = "trigger.json"
 
 
+def one_line(error: str) -> str:
+    """An exception's text on one line: its first line, and its last when there are more (a DataLoader worker's
+    error carries the original one last)."""
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    return " … ".join(lines[:1] + lines[-1:]) if len(lines) > 1 else "".join(lines)
+
+
 def rank_file(hang_dir: Path, rank: int) -> Path:
     """Where ``rank`` writes its state."""
     return hang_dir / f"rank_{rank:05d}.txt"
@@ -49,9 +56,10 @@ class CallRecord:
     def what(self) -> str:
         return f"{self.kind} {self.nbytes} B at {self.site}"
 
-    def describe(self) -> str:
+    def describe(self, timed: bool = True) -> str:
+        """``#seq kind bytes at site [part] (segment, duration)``; ``timed=False`` leaves the duration out."""
         state = f"in flight for {self.seconds:.1f} s" if self.in_flight else f"{self.seconds * 1e3:.1f} ms"
-        return f"#{self.seq} {self.what()} [{self.part}] ({self.segment}, {state})"
+        return f"#{self.seq} {self.what()} [{self.part}] ({self.segment}{', ' + state if timed else ''})"
 
 
 @dataclass
@@ -100,12 +108,12 @@ class RankDump:
     def calls(self) -> dict[int, CallRecord]:
         return {c.seq: c for c in self.recent}
 
-    def where(self) -> str:
-        """Where this rank stopped, in one line."""
+    def where(self, timed: bool = True) -> str:
+        """Where this rank stopped, in one line (``timed=False``: without durations, to group ranks)."""
         if self.in_flight:
-            inside = "; ".join(f"in collective {c.describe()}" for c in self.in_flight)
+            inside = "; ".join(f"in collective {c.describe(timed)}" for c in self.in_flight)
         elif self.failed is not None:
-            inside = f"its collective {self.failed.describe()} raised"
+            inside = f"its collective {self.failed.describe(timed)} raised"
         else:
             inside = "not in a collective"
         return f"{self.position}: {inside}"
@@ -282,7 +290,7 @@ def headline(dumps: dict[int, RankDump], world_size: int, grace_s: float) -> str
         first = origins[0]
         same = [d.rank for d in origins if d.error == first.error]
         who = _ranks(same) if len(same) < len(dumps) else "every rank"
-        return f"{who} failed ({first.position}): {first.error}"
+        return f"{who} failed ({first.position}): {one_line(first.error)}"
     divergence = find_divergence(dumps)
     if divergence is not None and divergence.odd:
         return _divergence_sentence(divergence)
@@ -322,9 +330,9 @@ def _waiting_in(dumps: dict[int, RankDump]) -> str:
     places = Counter()
     for d in dumps.values():
         if d.in_flight:
-            places[f"in collective {d.in_flight[0].describe()}"] += 1
+            places[f"in collective {d.in_flight[0].describe(timed=False)}"] += 1
         elif d.failed is not None:
-            places[f"when their collective {d.failed.describe()} raised"] += 1
+            places[f"when their collective {d.failed.describe(timed=False)} raised"] += 1
         else:
             places[f"at {d.position}"] += 1
     return "; ".join(places)
@@ -359,9 +367,12 @@ def build_report(dumps: dict[int, RankDump], world_size: int, run_dir: Path, gra
     lines += ["", "Where each rank stopped:"]
     places: dict[str, list[int]] = {}
     for rank, d in sorted(dumps.items()):
-        places.setdefault(f"{d.where()} (last progress {d.idle_s:.1f} s before)", []).append(rank)
-    lines += [f"  {_ranks(ranks)} ({', '.join(sorted({dumps[r].host for r in ranks}))}): {place}"
-              for place, ranks in places.items()]
+        places.setdefault(d.where(timed=False), []).append(rank)
+    for place, ranks in places.items():
+        hosts = sorted({dumps[r].host for r in ranks})
+        idle = max(dumps[r].idle_s for r in ranks)
+        lines.append(f"  {_ranks(ranks)} ({', '.join(hosts[:4])}{', …' if len(hosts) > 4 else ''}): {place} "
+                     f"(last progress up to {idle:.1f} s before)")
     lines += ["", f"Each rank's file (stacks of every thread, its last collectives, data position): "
               f"{run_dir / 'hang'}/rank_XXXXX.txt", ""]
     return "\n".join(lines)

@@ -7,8 +7,8 @@ One daemon thread per rank (``HangWatchdog``). The training loop and the evaluat
 when
 
 * this rank made no progress for its deadline (``run.hang_timeout_s``, or automatic: ``AUTO_FACTOR`` × the
-  slowest interval between progress reports so far, at least ``AUTO_MIN_S``; the first step of a session and the
-  ``long`` phases — checkpoints — get ``long_timeout_s``, just under the backend's collective time-out), or
+  slowest interval between progress reports so far, at least ``AUTO_MIN_S``; ``long`` phases — start-up, the
+  first step of a session, checkpoints — get ``long_timeout_s``, just under the backend's collective time-out), or
 * another rank has stopped: it left ``RUN/hang/trigger.json`` for this session.
 
 A rank that raises (``runtime.failure.exit_hard_on_failure``) goes through the same steps from its main thread.
@@ -38,7 +38,7 @@ from typing import Any, Callable
 from mplug_ds.runtime import collectives, failure
 from mplug_ds.runtime.atomic import atomic_write_text
 from mplug_ds.runtime.hang_report import (REPORT, TRIGGER, CallRecord, RankDump, Segment, build_report, headline,
-                                          rank_file, read_dumps, write_dump)
+                                          one_line, rank_file, read_dumps, write_dump)
 from mplug_ds.runtime.launch_env import WorldInfo
 
 EXIT_HANG = 4  # a rank's exit status after a hang report
@@ -59,7 +59,8 @@ def beat(**where: Any) -> None:
 
 def phase(kind: str, step: int, long: bool = False) -> None:
     """A new part of the run (``"train"`` step ``step``, ``"evaluation"`` after step ``step`` …); ``long`` gives
-    it the long deadline (a checkpoint save waits on the slowest writer)."""
+    it the long deadline (start-up; a session's first step warms up; a checkpoint save waits on the slowest
+    writer)."""
     watchdog = _ACTIVE
     if watchdog is not None:
         watchdog.phase(kind, step, long)
@@ -85,18 +86,16 @@ class HangWatchdog:
         self.data_position = data_position
         self.session = _agree_session(self.hang_dir, world)
         self.poll_s = min(1.0, max(0.1, (timeout_s or AUTO_MIN_S) / 10))
-        self.grace_s = max(5.0, 3 * self.poll_s)
+        self.grace_s = max(2.0, 5 * self.poll_s)  # others see the trigger within poll_s
         self._segments: deque[Segment] = deque(maxlen=SEGMENTS)
-        self._label, self._kind, self._where = "start-up", "start", {}
+        self._label, self._where = "start-up", {}
         self._last = time.monotonic()
         self._slowest = 0.0
         self._long = False
-        self._train_phases = 0
         self._measure = False
         self._done = threading.Event()
         self._reporting = threading.Lock()
         self._reported = False
-        self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ progress (training thread)
     def beat(self, **where: Any) -> None:
@@ -105,21 +104,18 @@ class HangWatchdog:
         if self._measure:
             self._slowest = max(self._slowest, now - self._last)
         self._last = now
-        self._measure = not self._long and self._train_phases >= 2
+        self._measure = not self._long
         self._where = where
 
     def phase(self, kind: str, step: int, long: bool = False) -> None:
-        """Start a part of the run; see the module function ``phase``."""
+        """Start a part of the run (``long``: with the long deadline); see the module function ``phase``."""
         self._segments.append(Segment(label(kind, step), kind, collectives.issued(), collectives.digest()))
-        self._label, self._kind = label(kind, step), kind
-        if kind == "train":
-            self._train_phases += 1
-        self._long = long
+        self._label, self._long = label(kind, step), long
         self.beat()
 
     def deadline(self) -> float:
         """Seconds without progress after which this rank stops the job."""
-        if self._long or self._train_phases < 2:
+        if self._long:
             return self.long_timeout_s
         if self.timeout_s > 0:
             return self.timeout_s
@@ -138,8 +134,7 @@ class HangWatchdog:
         if self.world.world_size > 1:
             failure.report_failures_with(self.report_failure)
         self._last = time.monotonic()
-        self._thread = threading.Thread(target=self._watch, name="hang-watchdog", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._watch, name="hang-watchdog", daemon=True).start()
         return self
 
     def stop(self) -> None:
@@ -152,18 +147,17 @@ class HangWatchdog:
     def _watch(self) -> None:
         trigger = self.hang_dir / TRIGGER
         while not self._done.wait(self.poll_s):
-            idle = time.monotonic() - self._last
-            if idle > self.deadline():
-                self._stop_job("hang", f"no progress for {idle:.1f} s (deadline {self.deadline():.0f} s, "
-                                       f"{self._deadline_source()})")
+            deadline = self.deadline()
+            if time.monotonic() - self._last > deadline:
+                self._stop_job("hang", f"no progress for more than {deadline:.0f} s ({self._deadline_source()})")
             elif trigger.exists():
                 note = _read_trigger(trigger)
                 if note.get("session") == self.session and note.get("rank") != self.world.rank:
                     self._stop_job("notified", f"rank {note.get('rank')} stopped first ({note.get('reason')})")
 
     def _deadline_source(self) -> str:
-        if self._long or self._train_phases < 2:
-            return f"{LONG_FRACTION:g} × run.collective_timeout_s during {self._label if self._long else 'step 1'}"
+        if self._long:
+            return f"{LONG_FRACTION:g} × run.collective_timeout_s during {self._label}"
         if self.timeout_s > 0:
             return "run.hang_timeout_s"
         return f"automatic: {AUTO_FACTOR:g} × the slowest progress interval {self._slowest:.2f} s, at least " \
@@ -182,7 +176,7 @@ class HangWatchdog:
         except ValueError:  # not the main thread
             pass
         error = f"{type(err).__name__}: {err}".strip()
-        self._report("failure", f"raised {error.splitlines()[0][:1000]}", error=error,
+        self._report("failure", f"raised {one_line(error)[:1000]}", error=error,
                      trace="".join(traceback.format_exception(err)))
 
     # ------------------------------------------------------------------ the report

@@ -17,6 +17,7 @@ from mplug_ds.data.data_config import check_full_batches
 from mplug_ds.engine.cli import EXIT_CONFIG_ERROR, add_run_arguments, run_overrides, write_plot
 from mplug_ds.engine.validate import validate_engine
 from mplug_ds.models.config import ModelConfig, load_model_config
+from mplug_ds.runtime import watchdog
 from mplug_ds.runtime.failure import exit_hard_on_failure
 from mplug_ds.runtime.launch_env import (EXIT_PORT_IN_USE, PortInUseError, WorldInfo, init_distributed,
                                          limit_cpu_threads, start_rank)
@@ -222,8 +223,12 @@ def evaluate_only(cfg: FinetuneConfig, resolved: ResolvedTask, world: WorldInfo)
     data = task_data_config(cfg, resolved.model, resolved.task, False, resolved.train_sources)
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
+    dog = watchdog.HangWatchdog(out, world, cfg.run.hang_timeout_s,
+                                watchdog.LONG_FRACTION * cfg.run.collective_timeout_s).start()
+    watchdog.phase("evaluation", 0)
     result = run_evaluation(resolved.task, module, resolved.eval_shards, data, cfg.eval.batch_size,
                             cfg.eval.max_samples, device, out / "eval" / "evaluate.json" if world.rank == 0 else None)
+    dog.stop()
     if world.rank == 0:
         print(report.format() + (f"\nloaded {head} tensors of the task head" if head else ""), flush=True)
         record = {"event": "eval", "time": time.time(), "checkpoint": cfg.task.pretrained, **result.metrics,

@@ -2,21 +2,22 @@
 (one rank skips an all-reduce, makes one extra module call, or SIGKILLs itself), end within seconds with
 ``RUN/hang/report.txt`` naming the rank; one process that blocks is stopped by its watchdog with its stack on disk.
 """
+import multiprocessing as mp
 import re
-import subprocess
-import sys
-import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
 from mplug_ds.runtime.hang_report import CallRecord, RankDump, Segment, build_report, rank_file
+from mplug_ds.runtime import watchdog
+from mplug_ds.runtime.launch_env import WorldInfo
 from mplug_ds.runtime.watchdog import EXIT_HANG
 from tests.engine.engine_runs import deepspeed_command, run_until_all_exit
-from tests.processes import REPO, child_env, timeout
+from tests.processes import timeout
 
 HANG_TIMEOUT = timeout(3)  # run.hang_timeout_s in these runs: a few steps' time
-LIMIT = 25.0  # seconds from the last good step to the last exit: the time-out, the report's 5 s grace, teardown
+LIMIT = 25.0  # seconds from the last good step to the last exit: the time-out, the report's grace, teardown
 
 
 def hang_args(*extra):
@@ -66,19 +67,14 @@ def test_a_rank_killed_by_sigkill_is_named_missing(tmp_path):
     out = tmp_path / "run"
     ended = run_until_all_exit(deepspeed_command(out, hang_args()), LIMIT, mark="step 2/8", fault="sigkill:1:3")
     assert ended.code != 0
-    assert headline(out).startswith("rank 1 wrote no report within 5 s: gone (killed, crashed) or frozen; the other "
-                                    "ranks stopped when their collective #"), headline(out)
+    assert re.match(r"rank 1 wrote no report within \d+ s: gone \(killed, crashed\) or frozen; the other ranks "
+                    r"stopped when their collective #\d+ ", headline(out)), headline(out)
     assert "(step 3" in headline(out)
     assert rank_file(out / "hang", 0).exists() and not rank_file(out / "hang", 1).exists()
 
 
-BLOCKED = textwrap.dedent("""
-    import sys, time
-    from pathlib import Path
-    from mplug_ds.runtime import watchdog
-    from mplug_ds.runtime.launch_env import WorldInfo
-
-    dog = watchdog.HangWatchdog(Path(sys.argv[1]), WorldInfo(0, 0, 1), timeout_s=1.0, long_timeout_s=60.0,
+def _blocked_process(run_dir):
+    dog = watchdog.HangWatchdog(Path(run_dir), WorldInfo(0, 0, 1), timeout_s=1.0, long_timeout_s=60.0,
                                 data_position=lambda: {"next_index": 7}).start()
     for step in (1, 2, 3):
         watchdog.phase("train", step)
@@ -88,17 +84,20 @@ BLOCKED = textwrap.dedent("""
         time.sleep(120)
 
     wait_for_a_peer_that_never_comes()
-""")
+    dog.stop()
 
 
 def test_a_process_without_progress_writes_its_stack_and_exits(tmp_path):
     (tmp_path / "hang").mkdir()
     (tmp_path / "hang" / "report.txt").write_text("an earlier run's report")
-    proc = subprocess.run([sys.executable, "-c", BLOCKED, str(tmp_path)], cwd=REPO, env=child_env(),
-                          capture_output=True, text=True, timeout=timeout(60))
-    assert proc.returncode == EXIT_HANG, proc.stderr
+    proc = mp.get_context("fork").Process(target=_blocked_process, args=(str(tmp_path),))
+    proc.start()
+    proc.join(timeout(30))
+    if proc.exitcode is None:
+        proc.kill()
+    assert proc.exitcode == EXIT_HANG
     text = rank_file(tmp_path / "hang", 0).read_text()
-    assert "why: no progress for 1." in text and "(deadline 1 s, run.hang_timeout_s)" in text
+    assert "why: no progress for more than 1 s (run.hang_timeout_s)" in text
     assert "where: step 3, micro_batch 1/1: not in a collective" in text
     assert "in wait_for_a_peer_that_never_comes" in text and '"next_index": 7' in text
     assert "step 3" in (tmp_path / "hang" / "report.txt").read_text()

@@ -9,6 +9,7 @@ through a ``.deepspeed_env`` file (``DS_ENV_FILE``).
 import getpass
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -149,7 +150,7 @@ def test_a_rank_killed_on_the_second_node_is_named_missing_in_the_hang_report(lo
     assert ended.code != 0
     assert f"{HOSTS[0]}: rank 0: hang report: {out}/hang/report.txt" in ended.output  # through pdsh
     report = (out / "hang" / "report.txt").read_text()
-    assert "What happened: rank 1 wrote no report within 5 s: gone (killed, crashed) or frozen" in report
+    assert re.search(r"What happened: rank 1 wrote no report within \d+ s: gone \(killed, crashed\) or frozen", report)
     wait_for(lambda: not _ranks_alive(out), 20)  # the ranks under sshd are gone too, not only the launcher
 
 
