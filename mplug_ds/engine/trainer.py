@@ -131,10 +131,11 @@ class Trainer:
         watch = LauncherWatch(stop.request)
         try:
             with self.watching():
-                return self._train(stop)
+                summary = self._train(stop)
+            stop.restore()  # after a failure SIGTERM stays a flag: the launcher stopping the others must not end
+            return summary  # this rank before its part of the hang report is written (runtime/failure.py)
         finally:
             watch.stop()
-            stop.restore()
             self.logger.close()
             if self.divergence is not None:
                 self.divergence.close()

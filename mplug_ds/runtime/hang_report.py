@@ -156,7 +156,7 @@ class Divergence:
     expected: CallRecord | None  # what the reference ranks entered at ``seq``
 
 
-def ranges(ranks: list[int]) -> str:
+def _ranges(ranks: list[int]) -> str:
     """``[0, 1, 2, 5]`` → ``"0-2,5"``."""
     out, ranks = [], sorted(ranks)
     i = 0
@@ -170,7 +170,7 @@ def ranges(ranks: list[int]) -> str:
 
 
 def _ranks(ranks: list[int]) -> str:
-    return ("rank " if len(ranks) == 1 else "ranks ") + ranges(ranks)
+    return ("rank " if len(ranks) == 1 else "ranks ") + _ranges(ranks)
 
 
 def find_divergence(dumps: dict[int, RankDump]) -> Divergence | None:
@@ -335,7 +335,8 @@ def _waiting_in(dumps: dict[int, RankDump]) -> str:
             places[f"when their collective {d.failed.describe(timed=False)} raised"] += 1
         else:
             places[f"at {d.position}"] += 1
-    return "; ".join(places)
+    most = [place for place, _ in places.most_common(3)]
+    return "; ".join(most) + ("; …" if len(places) > 3 else "")
 
 
 def _behind(dumps: dict[int, RankDump]) -> list[int]:
@@ -373,6 +374,6 @@ def build_report(dumps: dict[int, RankDump], world_size: int, run_dir: Path, gra
         idle = max(dumps[r].idle_s for r in ranks)
         lines.append(f"  {_ranks(ranks)} ({', '.join(hosts[:4])}{', …' if len(hosts) > 4 else ''}): {place} "
                      f"(last progress up to {idle:.1f} s before)")
-    lines += ["", f"Each rank's file (stacks of every thread, its last collectives, data position): "
+    lines += ["", f"Each rank's file (its threads' stacks, its last collectives, its data position): "
               f"{run_dir / 'hang'}/rank_XXXXX.txt", ""]
     return "\n".join(lines)

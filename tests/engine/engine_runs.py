@@ -1,4 +1,5 @@
-"""Helpers to run ``launch/pretrain.py`` under the real ``deepspeed`` launcher (2 CPU ranks, gloo) in tests."""
+"""Helpers to run ``launch/pretrain.py`` under the real ``deepspeed`` launcher or torchrun (2 CPU ranks, gloo) in
+tests."""
 from __future__ import annotations
 
 import json
@@ -16,11 +17,19 @@ from tests.processes import REPO, child_env, kill_group, run_checked, timeout
 
 PRETRAIN = REPO / "launch" / "pretrain.py"
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 
 def deepspeed_command(out_dir: Path, args: list[str], num_ranks: int = 2) -> list[str]:
     """``deepspeed --num_gpus N launch/pretrain.py ARGS run.output_dir=OUT`` on a free port."""
     return [str(DEEPSPEED), "--master_port", str(free_port()), "--num_gpus", str(num_ranks), str(PRETRAIN),
+            *args, f"run.output_dir={out_dir}"]
+
+
+def torchrun_command(out_dir: Path, args: list[str], num_ranks: int = 2) -> list[str]:
+    """``torchrun --nproc_per_node N launch/pretrain.py ARGS run.output_dir=OUT`` on a free port (one launcher
+    process that imports only torch: seconds less per run than deepspeed's two)."""
+    return [str(TORCHRUN), "--nproc_per_node", str(num_ranks), "--master_port", str(free_port()), str(PRETRAIN),
             *args, f"run.output_dir={out_dir}"]
 
 

@@ -1,6 +1,7 @@
-"""A hang is a report: 2 gloo ranks under the real deepspeed launcher, with a fault injected by tests/engine/faults
-(one rank skips an all-reduce, makes one extra module call, or SIGKILLs itself), end within seconds with
-``RUN/hang/report.txt`` naming the rank; one process that blocks is stopped by its watchdog with its stack on disk.
+"""A hang is a report: 2 gloo ranks under torchrun, with a fault injected by tests/engine/faults (one rank skips an
+all-reduce, makes one extra module call, or SIGKILLs itself), end within seconds with ``RUN/hang/report.txt`` naming
+the rank (the deepspeed launcher's runs: test_hostfile_ssh.py, test_failure_exit.py); one process that blocks is
+stopped by its watchdog with its stack on disk; the report's rules on hand-made rank files.
 """
 import multiprocessing as mp
 import re
@@ -9,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from mplug_ds.runtime.hang_report import CallRecord, RankDump, Segment, build_report, rank_file
 from mplug_ds.runtime import watchdog
+from mplug_ds.runtime.hang_report import CallRecord, RankDump, Segment, build_report, rank_file
 from mplug_ds.runtime.launch_env import WorldInfo
 from mplug_ds.runtime.watchdog import EXIT_HANG
-from tests.engine.engine_runs import deepspeed_command, run_until_all_exit
+from tests.engine.engine_runs import run_until_all_exit, torchrun_command
 from tests.processes import timeout
 
 HANG_TIMEOUT = timeout(3)  # run.hang_timeout_s in these runs: a few steps' time
@@ -33,7 +34,7 @@ def headline(out):
 @pytest.mark.slow
 def test_a_rank_that_skips_an_all_reduce_is_named_with_the_step_and_the_collective(tmp_path):
     out = tmp_path / "run"
-    ended = run_until_all_exit(deepspeed_command(out, hang_args()), LIMIT, mark="step 2/8",
+    ended = run_until_all_exit(torchrun_command(out, hang_args()), LIMIT, mark="step 2/8",
                                fault="skip_allreduce:1:3")
     assert ended.code != 0 and "step 3/8" not in ended.output
     assert ended.output.count("stopping: ") == 2 and "stopping: no progress for" in ended.output, ended.output[-4000:]
@@ -50,9 +51,10 @@ def test_a_rank_that_skips_an_all_reduce_is_named_with_the_step_and_the_collecti
 
 @pytest.mark.slow
 def test_divergence_check_stops_a_rank_with_one_extra_module_call_at_the_next_check(tmp_path):
+    """The watchdog keeps its automatic deadline here (run.hang_timeout_s=0)."""
     out = tmp_path / "run"
     args = hang_args("run.check_collectives=true", "run.check_every_steps=2", "run.hang_timeout_s=0")  # automatic
-    ended = run_until_all_exit(deepspeed_command(out, args), LIMIT, mark="step 3/8", fault="extra_call:1:3")
+    ended = run_until_all_exit(torchrun_command(out, args), LIMIT, mark="step 3/8", fault="extra_call:1:3")
     assert ended.code != 0
     module = re.search(r"fault: rank 1 calls (\S+) once more in step 3", ended.output).group(1)
     assert "step 4/8" in ended.output and "step 5/8" not in ended.output  # the check after step 4 stopped it
@@ -65,7 +67,7 @@ def test_divergence_check_stops_a_rank_with_one_extra_module_call_at_the_next_ch
 @pytest.mark.slow
 def test_a_rank_killed_by_sigkill_is_named_missing(tmp_path):
     out = tmp_path / "run"
-    ended = run_until_all_exit(deepspeed_command(out, hang_args()), LIMIT, mark="step 2/8", fault="sigkill:1:3")
+    ended = run_until_all_exit(torchrun_command(out, hang_args()), LIMIT, mark="step 2/8", fault="sigkill:1:3")
     assert ended.code != 0
     assert re.match(r"rank 1 wrote no report within \d+ s: gone \(killed, crashed\) or frozen; the other ranks "
                     r"stopped when their collective #\d+ ", headline(out)), headline(out)
