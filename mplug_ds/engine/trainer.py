@@ -94,7 +94,7 @@ class Trainer:
         self.recipe.engine_ready(self.engine)
         skip_one_rank_allreduce(self.engine)
         run = cfg.run
-        self.divergence = (DivergenceCheck(self.engine.module, run.check_every_steps)
+        self.divergence = (DivergenceCheck(self.engine.module, run.check_every_steps, self.device)
                            if run.check_collectives and world.world_size > 1 else None)
         seed_everything(cfg.run.seed + 1000 * world.rank + 1)  # per-rank dropout / masking / negatives
 

@@ -38,10 +38,11 @@ def _collective_code(kind: str, size: int, site: str) -> int:
 
 class DivergenceCheck:
     """Records this rank's collectives and calls of ``module``'s submodules; ``end_step(step)`` compares them across
-    ranks every ``every_steps`` steps (a collective: call it at the same step on every rank). ``close()`` stops."""
+    ranks every ``every_steps`` steps (a collective: call it at the same step on every rank); its tensors live on
+    ``device`` (the backend's: a GPU under NCCL). ``close()`` stops."""
 
-    def __init__(self, module: nn.Module, every_steps: int) -> None:
-        self.every_steps, self.step, self.since = every_steps, 1, 0
+    def __init__(self, module: nn.Module, every_steps: int, device: torch.device | str = "cpu") -> None:
+        self.every_steps, self.step, self.since, self.device = every_steps, 1, 0, device
         self.names = [name or type(module).__name__ for name, _ in module.named_modules()]
         self.codes: list[int] = []
         self.entries: list[tuple[Any, int]] = []  # (module index or collectives.Call, step) per code
@@ -76,11 +77,11 @@ class DivergenceCheck:
             self.check(step)
         self.step = step + 1
 
-    def describe(self, index: int) -> str:
-        """Entry ``index`` since the last check, for people."""
-        if index >= len(self.entries):
-            return f"nothing (its sequence ends after {len(self.entries)} entries)"
-        what, step = self.entries[index]
+    def _describe(self, entries: list[tuple[Any, int]], index: int) -> str:
+        """Entry ``index`` of a compared window, for people."""
+        if index >= len(entries):
+            return f"nothing (its sequence ends after {len(entries)} entries)"
+        what, step = entries[index]
         if isinstance(what, int):
             return f"module call {self.names[what]} (step {step})"
         return f"collective {what.kind} {what.nbytes} B at {what.site} (step {step})"
@@ -91,50 +92,49 @@ class DivergenceCheck:
         self.codes, self.entries = [], []  # the check's own collectives count towards the next window
         digest = int.from_bytes(hashlib.blake2b(array("q", codes).tobytes(), digest_size=8).digest(), "little") >> 1
         n = len(codes)
-        summary = torch.tensor([digest, -digest, n, -n], dtype=torch.int64)
+        summary = torch.tensor([digest, -digest, n, -n], dtype=torch.int64, device=self.device)
         dist.all_reduce(summary, op=dist.ReduceOp.MAX)
-        if summary[0] == -summary[1] and summary[2] == -summary[3]:
+        high, low, longest, shortest = summary.tolist()
+        if high == -low and longest == -shortest:
             self.since = step
             return
-        self.codes, self.entries = codes, entries  # describe() reads the compared window
-        try:
-            raise CollectiveDivergence(self._first_difference(step))
-        finally:
-            self.codes, self.entries = [], []
+        raise CollectiveDivergence(self._first_difference(codes, entries, step))
 
-    def _first_difference(self, step: int) -> str:
-        rank, world = dist.get_rank(), dist.get_world_size()
-        mine = torch.tensor(self.codes, dtype=torch.int64)
-        length = torch.tensor([len(self.codes)], dtype=torch.int64)
+    def _first_difference(self, codes: list[int], entries: list[tuple[Any, int]], step: int) -> str:
+        rank, world, device = dist.get_rank(), dist.get_world_size(), self.device
+        mine = torch.tensor(codes, dtype=torch.int64, device=device)
+        length = torch.tensor([len(codes)], dtype=torch.int64, device=device)
         dist.broadcast(length, src=0)
-        theirs = mine.clone() if rank == 0 else torch.empty(int(length), dtype=torch.int64)
+        theirs = mine.clone() if rank == 0 else torch.empty(int(length), dtype=torch.int64, device=device)
         dist.broadcast(theirs, src=0)
         common = min(len(mine), len(theirs))
         differ = (mine[:common] != theirs[:common]).nonzero()
         first = int(differ[0]) if len(differ) else (common if len(mine) != len(theirs) else None)
-        key = torch.tensor([first * world + rank if first is not None else torch.iinfo(torch.int64).max])
-        dist.all_reduce(key, op=dist.ReduceOp.MIN)
+        key = torch.tensor([first * world + rank if first is not None else torch.iinfo(torch.int64).max],
+                           device=device)
+        dist.all_reduce(key, op=dist.ReduceOp.MIN)  # the earliest difference, then the lowest rank with it
         index, culprit = divmod(int(key), world)
-        differing = torch.tensor([int(first is not None)])
+        differing = torch.tensor([int(first is not None)], device=device)
         dist.all_reduce(differing)
-        theirs_text = _broadcast_text(self.describe(index) if rank == culprit else "", culprit)
-        rank0_text = _broadcast_text(self.describe(index) if rank == 0 else "", 0)
+        others = int(differing)
+        theirs_text = _broadcast_text(self._describe(entries, index) if rank == culprit else "", culprit, device)
+        rank0_text = _broadcast_text(self._describe(entries, index) if rank == 0 else "", 0, device)
         message = (f"rank {culprit} differs from rank 0 in its collectives and module calls since the check after "
                    f"step {self.since} (run.check_collectives, checked after step {step}): at entry {index} rank "
                    f"{culprit} has {theirs_text}, rank 0 has {rank0_text}")
-        others = int(differing)
         if others == world - 1 > 1:
-            message += f"; every other rank differs from rank 0 there, so rank 0 is the odd one"
+            message += "; every other rank differs from rank 0 there, so rank 0 is the odd one"
         elif others > 1:
             message += f"; {others} ranks differ from rank 0"
         if first is not None and rank != culprit:
-            message += f"; this rank ({rank}) first differs at entry {first}: {self.describe(first)}"
+            message += f"; this rank ({rank}) first differs at entry {first}: {self._describe(entries, first)}"
         return message
 
 
-def _broadcast_text(text: str, src: int) -> str:
+def _broadcast_text(text: str, src: int, device: torch.device | str) -> str:
     data = torch.zeros(TEXT_BYTES, dtype=torch.uint8)
     raw = text.encode()[:TEXT_BYTES]
     data[:len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+    data = data.to(device)
     dist.broadcast(data, src=src)
     return bytes(data.tolist()).rstrip(b"\0").decode(errors="replace")

@@ -82,7 +82,7 @@ class HangWatchdog:
                  data_position: Callable[[], Any] | None = None) -> None:
         self.run_dir, self.world = Path(run_dir), world
         self.hang_dir = self.run_dir / "hang"
-        self.timeout_s, self.long_timeout_s = timeout_s, long_timeout_s
+        self.timeout_s, self.long_timeout_s = timeout_s, max(long_timeout_s, timeout_s)
         self.data_position = data_position
         self.session = _agree_session(self.hang_dir, world)
         self.poll_s = min(1.0, max(0.1, (timeout_s or AUTO_MIN_S) / 10))
