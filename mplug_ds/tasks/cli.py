@@ -13,9 +13,11 @@ from typing import Sequence
 import torch
 
 from mplug_ds.config import ConfigError, config_keys, format_config_keys
+from mplug_ds.data.data_config import check_full_batches
 from mplug_ds.engine.cli import EXIT_CONFIG_ERROR, add_run_arguments, run_overrides, write_plot
 from mplug_ds.engine.validate import validate_engine
 from mplug_ds.models.config import ModelConfig, load_model_config
+from mplug_ds.runtime import watchdog
 from mplug_ds.runtime.failure import exit_hard_on_failure
 from mplug_ds.runtime.launch_env import (EXIT_PORT_IN_USE, PortInUseError, WorldInfo, init_distributed,
                                          limit_cpu_threads, start_rank)
@@ -79,6 +81,10 @@ def validate_task(cfg: FinetuneConfig, world_size: int) -> ResolvedTask:
     task.check_run(cfg.batch.micro_batch_per_gpu, cfg.batch.micro_batch_per_gpu * world_size)
     if cfg.eval.every_steps < 0 or cfg.eval.batch_size < 1:
         raise ConfigError("eval.every_steps must be >= 0 and eval.batch_size >= 1")
+    try:
+        check_full_batches(cfg.data.pipeline, "data.pipeline")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if cfg.task.pretrained:
         check_pretrained(cfg.task.pretrained, model)
     sources, eval_shards = [], None
@@ -217,8 +223,12 @@ def evaluate_only(cfg: FinetuneConfig, resolved: ResolvedTask, world: WorldInfo)
     data = task_data_config(cfg, resolved.model, resolved.task, False, resolved.train_sources)
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
+    dog = watchdog.HangWatchdog(out, world, cfg.run.hang_timeout_s,
+                                watchdog.LONG_FRACTION * cfg.run.collective_timeout_s).start()
+    watchdog.phase("evaluation", 0)
     result = run_evaluation(resolved.task, module, resolved.eval_shards, data, cfg.eval.batch_size,
                             cfg.eval.max_samples, device, out / "eval" / "evaluate.json" if world.rank == 0 else None)
+    dog.stop()
     if world.rank == 0:
         print(report.format() + (f"\nloaded {head} tensors of the task head" if head else ""), flush=True)
         record = {"event": "eval", "time": time.time(), "checkpoint": cfg.task.pretrained, **result.metrics,

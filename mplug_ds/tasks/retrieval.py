@@ -22,8 +22,8 @@ from mplug_ds.data.data_config import DataConfig
 from mplug_ds.data.sample import Sample
 from mplug_ds.data.tokenizer import get_tokenizer
 from mplug_ds.data.transforms import TestTransform, pre_caption
-from mplug_ds.distributed import all_gather, get_rank, get_world_size
-from mplug_ds.eval.distributed import all_gather_objects, gather_to_rank0, lockstep_batches, max_over_ranks
+from mplug_ds.distributed import all_gather, get_rank, get_world_size, range_over_ranks
+from mplug_ds.eval.distributed import all_gather_objects, gather_to_rank0, lockstep_batches
 from mplug_ds.eval.pictures import Panel
 from mplug_ds.eval.retrieval import chance_recalls, retrieval_recalls
 from mplug_ds.models.momentum import MomentumTeacher
@@ -209,11 +209,13 @@ def evaluate_retrieval(model: MPLUG, data: RetrievalEvalData, batch_size: int, k
     Returns ``(metrics, rankings)`` on rank 0 (``rankings``: per image and per text the re-ranked candidate
     indices and scores), ``({}, None)`` elsewhere.
     """
-    if not data.indices:
-        raise ValueError(f"rank {get_rank()} got no evaluation image: the evaluation set needs at least as many "
-                         f"images as ranks ({get_world_size()})")
+    # One all-reduce: the longest text, and whether some rank got no image (every rank then raises, not one alone).
+    fewest, most = range_over_ranks([max((t.shape[1] for t in data.text_ids), default=0), len(data.indices)], device)
+    length = most[0]
+    if fewest[1] == 0:
+        raise ValueError(f"a rank got no evaluation image: the evaluation set needs at least as many images as "
+                         f"ranks ({get_world_size()})")
     images = torch.stack(data.images)
-    length = max_over_ranks(max(t.shape[1] for t in data.text_ids), device)  # one text length on every rank
     local_ids = torch.cat([F.pad(t, (0, length - t.shape[1])) for t in data.text_ids])  # pad id and mask are 0
     local_mask = torch.cat([F.pad(t, (0, length - t.shape[1])) for t in data.text_mask])
     local_tokens = _encode(lambda p: model.encode_image(images[p].to(device)), len(images), batch_size, device)
