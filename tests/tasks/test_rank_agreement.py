@@ -51,8 +51,8 @@ def _worker(rank, port, out_dir):
 
 
 def test_ranks_agree_before_rank_dependent_collectives_and_the_check_names_the_extra_call(tmp_path):
-    # fork: the ranks need nothing this process has not imported, and skip re-importing it (seconds each)
-    ranks = mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=False, start_method="fork")
+    # spawn, not fork: a forked rank would inherit the process group an in-process test of this session started
+    ranks = mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=False, start_method="spawn")
     try:
         deadline = time.monotonic() + timeout(120)
         while not ranks.join(timeout=1):
