@@ -81,8 +81,8 @@ PLAN = [
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--quick", action="store_true", help="short measurements; steps start within a %d s budget"
-                       % QUICK_BUDGET_S)
+    which.add_argument("--quick", action="store_true",
+                       help=f"short measurements; steps start within a {QUICK_BUDGET_S:.0f} s budget")
     which.add_argument("--cpu", action="store_true", help="every step that can run on the CPU, at tiny sizes")
     parser.add_argument("--out", type=Path, default=Path("gpu_report.json"), help="the JSON report")
     parser.add_argument("--log", type=Path, default=None, help="the workers' output (default: gpu_check.log beside "
@@ -169,14 +169,15 @@ class Runner:
         log.flush()
         worker = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                   env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        launched, seen_event = time.monotonic(), False
+        launched, seen_event, partial = time.monotonic(), False, ""
         current: tuple[str, float, float] | None = None  # (step, started at, time-out)
         with self.events.open() as feed:
             feed.seek(0, os.SEEK_END)
             try:
                 while True:
                     exited = worker.poll() is not None  # read the events after polling: none is missed at exit
-                    for line in feed.readlines():
+                    *lines, partial = (partial + feed.read()).split("\n")  # whole lines only
+                    for line in lines:
                         event, seen_event = json.loads(line), True
                         if event["event"] == "start":
                             current = (event["step"], time.monotonic(), self.effective_timeout(event["step"]))
@@ -263,8 +264,8 @@ def format_table(report: dict[str, Any]) -> str:
     if notes:
         lines += ["", "checks not passed:", *notes]
     if runs:
-        lines += ["", f"{'model':<15} {'attn':<6} {'ckpt':<4} {'timix':<5} {'zero':>4} {'batch':>5} {'samples/s':>10} "
-                      f"{'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8}"]
+        lines += ["", (f"{'model':<15} {'attn':<6} {'ckpt':<4} {'timix':<5} {'zero':>4} {'batch':>5} "
+                       f"{'samples/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8}")]
         for r in runs:
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
             lines.append(f"{r['model']:<15} {r['attn']:<6} {'on' if r['grad_checkpointing'] else 'off':<4} "
@@ -272,8 +273,8 @@ def format_table(report: dict[str, Any]) -> str:
                          f"{r['samples_per_s']:>10.2f} {r['tflops_per_device']:>8.3f} {mfu:>6} "
                          f"{r['peak_memory_gb']:>8.2f}")
     s = report["summary"]
-    lines += ["", f"{s['passed']} passed, {s['failed']} failed, {s['skipped']} skipped ({report['mode']}, "
-                  f"{report['seconds']:.0f} s); report: {report['path']}"]
+    lines += ["", (f"{s['passed']} passed, {s['failed']} failed, {s['skipped']} skipped ({report['mode']}, "
+                   f"{report['seconds']:.0f} s); report: {report['path']}")]
     return "\n".join(lines)
 
 

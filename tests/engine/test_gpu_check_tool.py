@@ -9,8 +9,8 @@ from tests.processes import REPO, run, run_checked
 TOOLS = REPO / "tools"
 sys.path.insert(0, str(TOOLS))
 
-import gpu_check  # noqa: E402  (tools/ is not a package)
-from gpu_check_steps import fit_micro_batch  # noqa: E402
+import gpu_check  # tools/ is not a package
+from gpu_check_steps import fit_micro_batch
 
 CUDA_ONLY = {"correctness.fp16", "correctness.cuda_vs_cpu"}  # skipped as a whole on a CPU
 
