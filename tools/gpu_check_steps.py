@@ -54,6 +54,7 @@ from mplug_ds.runtime.master_weights import full_fp32_param
 TOOLS = Path(__file__).resolve().parent
 FUSED_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
 MEMORY_HEADROOM = 0.85  # share of the device's memory a planned micro-batch may fill (allocator slack, fragments)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TEST_MOMENTUM = 0.5  # the correctness runs' EMA factor: far from 1, so an EMA of the bf16 copy would show
 MFU_TARGET = 0.40  # issue 23: mplug.en.base at ≥ 40% MFU (goal 45%)
 TIMIX_RATIO_TARGET = 1.35  # docs/PERFORMANCE.md: TiMix step / plain step for mplug.en.base
@@ -71,6 +72,7 @@ class Mode:
     probe_batches: dict[str, tuple[int, int]]  # slot -> two micro-batches whose peak memory gives the fit
     fixed_batch: int | None  # CPU: no device memory to fill, every measurement uses this micro-batch
     correctness_batch: int  # micro-batch of the correctness steps
+    precision: str  # of the checkpointing, kernel and throughput runs (correctness.bf16 is bf16 everywhere)
     warmup: int
     steps: int
     loader_batches: int
@@ -82,12 +84,12 @@ class Mode:
 GPU_MODELS = {"base": ("mplug.en.base", 2), "large": ("mplug.en.large", 2), "huge": ("mplug.en.huge", 3)}
 GPU_PROBES = {"base": (16, 32), "large": (16, 32), "huge": (8, 16)}
 MODES = {
-    "quick": Mode("quick", "cuda", "tiny", "mplug.en.base", GPU_MODELS, GPU_PROBES, None, 4, warmup=3, steps=5,
+    "quick": Mode("quick", "cuda", "tiny", "mplug.en.base", GPU_MODELS, GPU_PROBES, None, 4, "bf16", warmup=3, steps=5,
                   loader_batches=20, loader_batch_size=64, loader_res=256, loader_per_shard=64),
-    "full": Mode("full", "cuda", "tiny", "mplug.en.base", GPU_MODELS, GPU_PROBES, None, 4, warmup=5, steps=20,
+    "full": Mode("full", "cuda", "tiny", "mplug.en.base", GPU_MODELS, GPU_PROBES, None, 4, "bf16", warmup=5, steps=20,
                  loader_batches=50, loader_batch_size=64, loader_res=256, loader_per_shard=128),
     "cpu": Mode("cpu", "cpu", "tiny", "tiny", {"base": ("tiny", 2), "large": ("tiny", 2), "huge": ("tiny", 3)},
-                {}, 2, 2, warmup=0, steps=1, loader_batches=2, loader_batch_size=8, loader_res=64, loader_per_shard=16),
+                {}, 2, 2, "fp32", warmup=0, steps=1, loader_batches=2, loader_batch_size=8, loader_res=64, loader_per_shard=16),
 }
 
 
@@ -315,7 +317,7 @@ def precision_steps(ctx: Context, rec: StepRecord, precision: str, max_steps: in
     loss, an applied step, and the momentum teacher: fp32, on the device, moved exactly by the EMA of the fp32
     master weights (untouched by a step skipped for overflow). Across stages: the same first loss.
     """
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtype = DTYPES[precision]
     first_loss = {}
     for stage in (1, 2, 3):
         overrides = [f"deepspeed.config=zero{stage}", f"deepspeed.precision={precision}",
@@ -399,10 +401,11 @@ def loss_and_grads(tr: Trainer, batch: dict[str, torch.Tensor], seed: int) -> tu
 
 
 def correctness_grad_checkpointing(ctx: Context, rec: StepRecord) -> None:
-    """Activation checkpointing on and off give the same losses and gradients (bf16, same weights, batch, RNG)."""
+    """Activation checkpointing on and off give the same losses and gradients (the mode's precision: bf16 on a GPU;
+    same weights, batch and RNG)."""
     runs = {}
     for ckpt in (False, True):
-        with built_trainer(ctx, f"ckpt-{ckpt}", ["deepspeed.precision=bf16",
+        with built_trainer(ctx, f"ckpt-{ckpt}", [f"deepspeed.precision={ctx.mode.precision}",
                                            f"model.overrides.grad_checkpointing={str(ckpt).lower()}"]) as tr:
             runs[ckpt] = loss_and_grads(tr, device_batch(tr), seed=1234)
     (loss_off, grads_off), (loss_on, grads_on) = runs[False], runs[True]
@@ -500,18 +503,19 @@ def correctness_cuda_vs_cpu(ctx: Context, rec: StepRecord) -> None:
 
 # ---------------------------------------------------------------------------------------------- (c) kernels
 def sdpa_dispatch(ctx: Context, rec: StepRecord) -> list[str]:
-    """The pre-training forward and backward of the kernel model in bf16 on padded captions: the sdpa kernels
+    """The pre-training forward and backward of the kernel model (bf16 on a GPU) on padded captions: the sdpa kernels
     PyTorch's default dispatch picks (profiled), then the same with only fused backends allowed. Returns the fused
     kernels seen."""
     model_cfg = load_model_config(ctx.mode.kernel_model)
     module = PretrainModel(build_model(model_cfg), PretrainConfig())
-    module.to(device=ctx.device, dtype=torch.bfloat16)
+    dtype = DTYPES[ctx.mode.precision]
+    module.to(device=ctx.device, dtype=dtype)
     module.teacher.to(ctx.device)
     # CUDA: training mode, attention dropout included. PyTorch's CPU flash kernel has no dropout, so on CPU the
     # same forward runs without it.
     module.train(ctx.on_cuda)
     batch = {k: v.to(ctx.device) for k, v in padded_caption_batch(4, model_cfg.vision.image_size, 30).items()}
-    batch["image"] = batch["image"].to(torch.bfloat16)
+    batch["image"] = batch["image"].to(dtype)
     rec.require("the text batch is padded", bool((batch["text_mask"] == 0).any()),
                 f"text lengths {batch['text_mask'].sum(1).tolist()} of {batch['text_mask'].shape[1]}")
 
@@ -552,8 +556,8 @@ def sdpa_dispatch(ctx: Context, rec: StepRecord) -> list[str]:
 
 
 def fused_optimizer(ctx: Context, rec: StepRecord) -> None:
-    """A DeepSpeed optimizer step (bf16, as in training) runs torch's fused AdamW kernel (profiled)."""
-    with built_trainer(ctx, "kernels-optimizer", ["deepspeed.precision=bf16"]) as tr:
+    """A DeepSpeed optimizer step (bf16 on a GPU, as in training) runs torch's fused AdamW kernel (profiled)."""
+    with built_trainer(ctx, "kernels-optimizer", [f"deepspeed.precision={ctx.mode.precision}"]) as tr:
         loss_and_grads(tr, device_batch(tr), seed=0)
         with profile(activities=[ProfilerActivity.CPU]) as prof:  # the optimizer step alone
             tr.engine.step()
@@ -593,7 +597,7 @@ def measure(ctx: Context, model: str, zero: int, batch: int, attn: str = "sdpa",
     argv = ["--model", model, "--zero", str(zero), "--batch", str(batch), "--attn", attn,
             "--warmup", str(ctx.mode.warmup if warmup is None else warmup),
             "--steps", str(ctx.mode.steps if steps is None else steps),
-            "--precision", "bf16", *(["--grad-checkpointing"] if ckpt else [])]
+            "--precision", ctx.mode.precision, *(["--grad-checkpointing"] if ckpt else [])]
     args = benchmark.parse_args(argv)
     out = tempfile.mkdtemp(prefix="bench-", dir=ctx.scratch)
     try:
@@ -660,7 +664,7 @@ def mfu_target(ctx: Context, rec: StepRecord, result: dict[str, Any]) -> None:
 
 
 def throughput_base(ctx: Context, rec: StepRecord) -> None:
-    """mplug.en.base (256 px) in bf16 at the largest micro-batch: sdpa, and eager attention as the baseline."""
+    """mplug.en.base (256 px; bf16 on a GPU) at the largest micro-batch: sdpa, and eager attention as the baseline."""
     model, zero = ctx.mode.models["base"]
     batch = largest_micro_batch(ctx, rec, "base")
     sdpa = measure_fitting(ctx, rec, model, zero, batch, attn="sdpa")
@@ -713,13 +717,13 @@ def throughput_base_timix(ctx: Context, rec: StepRecord) -> None:
 
 
 def throughput_model(slot: str) -> Callable[[Context, StepRecord], None]:
-    """The throughput step of a larger model: sdpa, bf16, at its largest micro-batch."""
+    """The throughput step of a larger model: sdpa at its largest micro-batch."""
     def step(ctx: Context, rec: StepRecord) -> None:
         model, zero = ctx.mode.models[slot]
         result = measure_fitting(ctx, rec, model, zero, largest_micro_batch(ctx, rec, slot))
         rec.figures.update(micro_batch=result["batch_per_device"], runs=[result])
         rec.summary = f"{model} ZeRO-{zero}: {throughput_line(result)}"
-    step.__doc__ = f"mplug.en.{slot} in bf16 at its largest micro-batch"
+    step.__doc__ = f"mplug.en.{slot} (bf16 on a GPU) at its largest micro-batch"
     return step
 
 
