@@ -19,7 +19,7 @@ Steps, in order (each timed, each with its own time-out; a failure is recorded a
   throughput.huge                 mplug.en.huge 224 px, ZeRO-3, at its largest micro-batch
   loader                          tools/benchmark_data.py on every core
 
-The steps run in a worker process (tools/gpu_check_steps.py). A step that passes its time-out, or a worker that
+The steps run in a worker process (tools/gpu_check_worker.py). A step that passes its time-out, or a worker that
 dies, is recorded as failed and a fresh worker continues with the next step; so does any step that raised.
 ``--quick`` also stops starting steps once its time budget is spent (those are reported as skipped). Writes
 ``--out`` (gpu_report.json: every step passed, failed or skipped, with its checks, figures and seconds), the
@@ -43,7 +43,7 @@ from typing import Any
 
 from mplug_ds.runtime.atomic import atomic_write_text
 
-STEPS_SCRIPT = Path(__file__).resolve().parent / "gpu_check_steps.py"
+STEPS_SCRIPT = Path(__file__).resolve().parent / "gpu_check_worker.py"
 QUICK_BUDGET_S = 440.0  # --quick: steps start only within this many seconds (8 minutes with the kit's install)
 WORKER_START_S = 240.0  # a worker that has not started its first step by then is stuck (imports, CUDA init)
 POLL_S = 0.1

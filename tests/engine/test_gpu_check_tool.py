@@ -10,7 +10,8 @@ TOOLS = REPO / "tools"
 sys.path.insert(0, str(TOOLS))
 
 import gpu_check  # tools/ is not a package
-from gpu_check_steps import fit_micro_batch
+import gpu_check_worker
+from gpu_check_throughput import fit_micro_batch
 
 CUDA_ONLY = {"correctness.fp16", "correctness.cuda_vs_cpu"}  # skipped as a whole on a CPU
 
@@ -87,3 +88,11 @@ def test_micro_batch_fit_extrapolates_peak_memory_to_the_device_and_rounds_down(
     assert fit_micro_batch([(16, 14.0), (32, 18.0)], capacity_gib=1000.0) == 512  # the limit
     assert fit_micro_batch([(16, 14.0), (32, 14.0)], capacity_gib=100.0) == 32  # no growth seen: the larger probe
     assert fit_micro_batch([(2, 5.0), (4, 6.0)], capacity_gib=9.0) == 8
+
+
+def test_the_plan_names_every_step_the_worker_runs_in_the_issue_order():
+    assert [s.name for s in gpu_check.PLAN] == list(gpu_check_worker.STEPS)
+    with pytest.raises(SystemExit, match="no step named 'throughput.tiny'"):
+        gpu_check.select_steps("kernels,throughput.tiny")
+    assert [s.name for s in gpu_check.select_steps("throughput")][:2] == ["throughput.base",
+                                                                         "throughput.base_checkpointing"]
