@@ -96,7 +96,8 @@ def precision_steps(ctx: Context, rec: StepRecord, precision: str, max_steps: in
                     before = [p_m.detach().clone() for _, p_m, _ in teacher.pairs]
                     tr.optimizer_step(data, stop)
                     losses.append(tr.losses[-1]["loss"])
-                    scales.append(getattr(engine.optimizer, "loss_scale", None))
+                    scale = getattr(engine.optimizer, "loss_scale", None)
+                    scales.append(None if scale is None else float(scale))
                     if engine.was_step_applied():
                         applied = True
                         break
@@ -109,8 +110,9 @@ def precision_steps(ctx: Context, rec: StepRecord, precision: str, max_steps: in
             rec.check(f"{tag}: losses finite, a step applied", applied and all(map(math.isfinite, losses)),
                       f"losses {[round(x, 4) for x in losses]}" + (f", loss scales {scales}" if precision == "fp16" else ""))
             if precision == "fp16":
-                rec.check(f"{tag}: dynamic loss scaling", all(isinstance(s, (int, float)) and s > 0 for s in scales),
-                          f"loss scales {scales}")
+                dynamic = bool(getattr(engine.optimizer, "dynamic_loss_scale", False))
+                rec.check(f"{tag}: dynamic loss scaling", dynamic and all(s is not None and s > 0 for s in scales),
+                          f"dynamic {dynamic}, loss scale after each step {scales}")
             teacher_dtypes = {p_m.dtype for _, p_m, _ in teacher.pairs}
             teacher_devices = {p_m.device.type for _, p_m, _ in teacher.pairs}
             rec.check(f"{tag}: the momentum teacher is fp32 on the {ctx.device.type}",

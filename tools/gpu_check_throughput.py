@@ -115,6 +115,9 @@ def base(ctx: Context, rec: StepRecord) -> None:
     rec.figures.update(micro_batch=sdpa["batch_per_device"], runs=[sdpa, eager],
                        sdpa_vs_eager=sdpa["samples_per_s"] / eager["samples_per_s"])
     rec.check("the timed steps ran without skipped batches", sdpa["skipped_batches"] == 0 == eager["skipped_batches"])
+    ceiling = ctx.earlier.get("environment", {}).get("matmul_tflops")
+    if ctx.on_cuda and ceiling:  # against what this device's matmul reached, beside the datasheet peak
+        rec.figures["share_of_measured_matmul"] = sdpa["tflops_per_device"] / ceiling
     mfu_target(ctx, rec, sdpa)
     rec.summary = f"{model} sdpa: {throughput_line(sdpa)}; {rec.figures['sdpa_vs_eager']:.2f}x eager's samples/s"
 

@@ -164,7 +164,8 @@ def run_steps(names: list[str], mode: Mode, events: Path, scratch: Path, kit: Pa
         if device.type == "cuda" and not torch.cuda.is_available():
             for name in names:  # nothing here can run: every step fails at once, with the reason
                 emit({"event": "start", "step": name, "time": time.time()})
-                emit({"event": "end", "step": name, "status": "failed", "seconds": 0.0, "summary": "", "checks": [],
+                emit({"event": "end", "step": name, "status": "failed", "seconds": 0.0, "checks": [],
+                      "summary": "not run: torch sees no CUDA device",
                       "figures": {}, "error": f"--{mode.name} needs a CUDA device and torch sees none "
                                               f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
                                               "run --cpu on a machine without a GPU"})
