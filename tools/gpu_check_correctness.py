@@ -155,7 +155,7 @@ def loss_and_grads(tr: Trainer, batch: dict[str, torch.Tensor], seed: int) -> tu
     tr.engine.backward(out["loss"])
     grads = {name: safe_get_full_grad(p).detach().float().cpu().clone()
              for name, p in tr.recipe.module.named_parameters() if p.requires_grad}
-    return {k: float(out[k]) for k in tr.recipe.loss_keys}, grads
+    return {k: float(out[k].detach()) for k in tr.recipe.loss_keys}, grads
 
 
 def grad_checkpointing(ctx: Context, rec: StepRecord) -> None:
@@ -168,13 +168,13 @@ def grad_checkpointing(ctx: Context, rec: StepRecord) -> None:
             runs[ckpt] = loss_and_grads(tr, device_batch(tr), seed=1234)
     (loss_off, grads_off), (loss_on, grads_on) = runs[False], runs[True]
     loss_gap = max(relative_difference(loss_off[k], loss_on[k]) for k in loss_off)
-    rec.check("same losses (bf16 tolerance 1e-2)", loss_gap <= 1e-2,
+    rec.check("same losses (relative 1e-2, a bf16 tolerance)", loss_gap <= 1e-2,
               f"loss {loss_off['loss']:.5f} vs {loss_on['loss']:.5f}; largest relative gap {loss_gap:.1e}")
     off, on = (torch.cat([g[n].flatten() for n in sorted(grads_off)]) for g in (grads_off, grads_on))
     gap = float((on - off).norm() / off.norm().clamp_min(1e-12))
     worst = max(sorted(grads_off), key=lambda n: float((grads_on[n] - grads_off[n]).norm()
                                                         / grads_off[n].norm().clamp_min(1e-12)))
-    rec.check("same gradients (bf16 tolerance: relative L2 gap ≤ 2e-2)", gap <= 2e-2,
+    rec.check("same gradients (relative L2 gap ≤ 2e-2, a bf16 tolerance)", gap <= 2e-2,
               f"relative L2 gap {gap:.1e} over {off.numel()} values (largest in {worst})")
     rec.figures.update(loss_gap=loss_gap, grad_gap=gap)
     rec.summary = f"checkpointing on/off: loss gap {loss_gap:.1e}, gradient gap {gap:.1e}"

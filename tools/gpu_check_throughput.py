@@ -51,23 +51,23 @@ def measure(ctx: Context, model: str, zero: int, batch: int, attn: str = "sdpa",
 
 
 def is_out_of_memory(err: BaseException) -> bool:
+    """True for CUDA's out-of-memory error (also when a library re-raised it as a plain RuntimeError)."""
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
 def measure_fitting(ctx: Context, rec: StepRecord, model: str, zero: int, batch: int, tries: int = 3,
                     **kwargs: Any) -> dict[str, Any]:
     """``measure`` at ``batch``; after running out of device memory, again at 3/4 of it (``tries`` in all)."""
-    for attempt in range(tries):
+    for attempt in range(1, tries + 1):
         try:
             return measure(ctx, model, zero, batch, **kwargs)
         except RuntimeError as err:
-            if not is_out_of_memory(err) or attempt == tries - 1:
+            if not is_out_of_memory(err) or attempt == tries:
                 raise
         release_memory()
         smaller = max(1, batch * 3 // 4)
         rec.figures.setdefault("out_of_memory", []).append({"batch": batch, "retried_at": smaller, **kwargs})
         batch = smaller
-    raise AssertionError("unreachable")
 
 
 def largest_micro_batch(ctx: Context, rec: StepRecord, slot: str) -> int:
