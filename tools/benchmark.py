@@ -39,7 +39,8 @@ from mplug_ds.runtime.guards import StopRequest
 from mplug_ds.runtime.launch_env import prepare_world_env
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (``argv``: these arguments instead of ``sys.argv``, as tools/gpu_check.py passes them)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="model config name or YAML path")
     parser.add_argument("--zero", type=int, default=2, choices=(1, 2, 3), help="ZeRO stage")
@@ -65,7 +66,7 @@ def parse_args() -> argparse.Namespace:
                         help="also measure with run.check_collectives=true (the divergence check; 2+ ranks)")
     parser.add_argument("--json", action="store_true", help="print one JSON line per measurement")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def measure(args: argparse.Namespace, attn: str, world, out_dir: str, timix: bool = False,
@@ -93,8 +94,6 @@ def measure(args: argparse.Namespace, attn: str, world, out_dir: str, timix: boo
     resolved = validate(cfg, world.world_size)
     trainer = Trainer(cfg, resolved, world, pretrain_recipe(cfg, resolved))
     engine = trainer.engine
-    batch = {k: v.to(engine.device) for k, v in next(iter(trainer.stream)).items()}  # resident: no copy per step
-    data = itertools.repeat(batch)
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     stop = StopRequest()
 
@@ -106,7 +105,9 @@ def measure(args: argparse.Namespace, attn: str, world, out_dir: str, timix: boo
             sync()
             return time.perf_counter() - start
 
-    try:
+    try:  # the engine is destroyed however this ends (a caller may retry a smaller batch after running out of memory)
+        batch = {k: v.to(engine.device) for k, v in next(iter(trainer.stream)).items()}  # resident: no copy per step
+        data = itertools.repeat(batch)
         for _ in range(args.warmup):
             trainer.optimizer_step(data, stop)
         sync()
@@ -114,11 +115,14 @@ def measure(args: argparse.Namespace, attn: str, world, out_dir: str, timix: boo
             torch.cuda.reset_peak_memory_stats(engine.device)
         elapsed = timed(False)
         pairs = [(timed(False), timed(True)) for _ in range(watchdog_pairs)]
+        zero_stage, peak_memory = engine.zero_optimization_stage(), peak_memory_gb(engine.device)
+        checked = trainer.divergence is not None
     finally:
         stop.restore()
         trainer.logger.close()
         if trainer.divergence is not None:
             trainer.divergence.close()
+        engine.destroy()
 
     lengths = TextLengths(text=batch["text_ids"].shape[1], prefix=batch["prefix_ids"].shape[1],
                           target=batch["target_ids"].shape[1])
@@ -129,19 +133,18 @@ def measure(args: argparse.Namespace, attn: str, world, out_dir: str, timix: boo
     device_name = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"
     peak = device_peak_tflops(device_name) if engine.device.type == "cuda" else None
     result = {
-        "model": args.model, "timix": timix, "attn": attn, "zero": engine.zero_optimization_stage(), "offload": args.offload,
+        "model": args.model, "timix": timix, "attn": attn, "zero": zero_stage, "offload": args.offload,
         "precision": precision, "grad_checkpointing": args.grad_checkpointing, "batch_per_device": args.batch,
         "world_size": world.world_size, "device": device_name, "steps": args.steps,
         "text_len": lengths.text, "skipped_batches": trainer.state.skipped_batches,
         "step_time_s": elapsed / args.steps, "samples_per_s": samples_per_s,
         "gflop_per_sample": flops / 1e9, "tflops_per_device": tflops_per_device,
-        "mfu": tflops_per_device / peak if peak else None, "peak_memory_gb": peak_memory_gb(engine.device),
-        "check_collectives": trainer.divergence is not None,
+        "mfu": tflops_per_device / peak if peak else None, "peak_memory_gb": peak_memory,
+        "check_collectives": checked,
     }
     if pairs:
         result["watchdog_off_step_time_s"] = statistics.median(off for off, _ in pairs) / args.steps
         result["watchdog_on_step_time_s"] = statistics.median(on for _, on in pairs) / args.steps
-    engine.destroy()
     return result
 
 

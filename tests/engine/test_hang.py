@@ -136,8 +136,8 @@ def test_report_names_the_rank_that_skipped_an_extra_or_missing_collective_or_is
     assert headline_of(extra, 3) == (f"rank 2 entered an extra collective #4 in step 3: broadcast 8 B at {C} "
                                      f"(ranks 0-1 entered all_reduce 4 B at {A} there)")
     missing = {0: dump(0, STEP_2[:1]), 1: dump(1, STEP_2[:1])}
-    assert headline_of(missing, 3).startswith(f"rank 2 wrote no report within 5 s: gone (killed, crashed) or "
-                                              f"frozen; the other ranks stopped in collective #4 all_reduce 4 B")
+    assert headline_of(missing, 3).startswith("rank 2 wrote no report within 5 s: gone (killed, crashed) or "
+                                              "frozen; the other ranks stopped in collective #4 all_reduce 4 B")
     behind = {0: dump(0, STEP_2[:1], 2), 1: dump(1, [], 2, in_flight=False)}
     assert headline_of(behind, 2) == ("rank 1 behind: entered 3 collectives while the others reached #4; step 3: "
                                       "not in a collective")
