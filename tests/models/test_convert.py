@@ -34,6 +34,8 @@ def _check_model(tmp_path, capsys, name, image_size, overrides=()):
     reasons = " | ".join(report["dropped"].values())
     for expected in ("CLIP text tower", "dead fusion layer", "momentum copy", "queue", "tied to"):
         assert expected in reasons
+    for alias in ("text_decoder.cls.predictions.decoder.bias", "fusion_encoder.cls.predictions.decoder.bias"):
+        assert alias in state and report["dropped"][alias].startswith("alias of ")  # every real release has it
     converted = from_pretrained(tmp_path / "out")
     got = forward_outputs(converted, image_size)
     if cfg.name == "tiny":  # what model.init_from reads (a second copy: tiny only)
