@@ -92,7 +92,7 @@ class Preparer:
             raise ValueError("no question in texts")
         if self.cfg.train and not sample.answers:
             raise ValueError("training VQA sample without answers")
-        weights = sample.answer_weights or [1.0 / len(sample.answers)] * len(sample.answers)
+        weights = sample.answer_weights or [1.0 / max(1, len(sample.answers))] * len(sample.answers)
         return {"key": sample.key, "image": self.transform(_image(sample), rng),
                 "question": pre_question(sample.texts[0], self.cfg.max_words),
                 "answers": list(sample.answers), "weights": list(weights),

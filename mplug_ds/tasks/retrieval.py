@@ -391,16 +391,17 @@ class RetrievalTask(FinetuneTask):
         return [pre_caption(t, data.max_words) for t in texts]
 
     @torch.no_grad()
-    def rank(self, module: nn.Module, images: list[Image.Image], texts: list[str], data: DataConfig, batch_size: int,
+    def rank(self, model: MPLUG, images: list[Image.Image], texts: list[str], data: DataConfig, batch_size: int,
              device: torch.device) -> Ranking:
-        """Every image against every text in this process, prepared and ranked as the evaluation does."""
+        """Every image against every text in this process, prepared and ranked as the evaluation does (the
+        evaluation ranks ``module.model``: only the MPLUG is needed, not the teacher and queue of training)."""
         prepared = self.prepare_texts(texts, data)
         empty = [i for i, t in enumerate(prepared) if not t]
         if empty:
             raise ValueError(f"text {empty[0]} ({texts[empty[0]]!r}) has no words left after normalisation")
         ids, mask = tokenize(prepared, data.max_len)
         pixels = torch.stack([self.prepare_image(image, data) for image in images])
-        return rank_images_and_texts(module.model, pixels, ids, mask, self.cfg.k_test, batch_size, device)
+        return rank_images_and_texts(model, pixels, ids, mask, self.cfg.k_test, batch_size, device)
 
     @torch.no_grad()
     def evaluate(self, module: nn.Module, samples: EvalSamples, data: DataConfig, batch_size: int,

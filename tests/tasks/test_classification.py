@@ -17,6 +17,7 @@ from mplug_ds.tasks.pretrained import check_task_weights
 from tests.data.shard_utils import jpeg_bytes, write_caption_shards, write_manifest
 from tests.engine.engine_runs import run
 from tests.tasks.classification_data import write_nlvr2_shards, write_ve_shards
+from tests.tasks.predict_checks import assert_predictor_matches
 from tests.tasks.task_data import assert_predictions_picture, shard_overrides, write_export
 from tests.tasks.test_finetune_runs import finetune
 from tools.export_checkpoint import main as export_main
@@ -130,6 +131,8 @@ def test_evaluation_on_two_ranks_equals_one_rank_on_an_odd_set(tmp_path, task):
     other = "ve" if task == "nlvr2" else "nlvr2"
     with pytest.raises(ConfigError, match=f"no '{other}' head: its task.safetensors is of task '{task}'"):
         check_task_weights(export, other, build_task(other).head_prefixes)
+    for checkpoint in (export, trained):  # mplug_ds.load: the export (it carries the run's config), the run itself
+        assert_predictor_matches(task, checkpoint, tmp_path / "evaluated" / "eval" / "evaluate.json", shards)
 
 
 def test_text_only_baseline_answers_each_text_with_its_training_label():

@@ -13,6 +13,7 @@ from mplug_ds.engine.checkpoint import COMPLETE, tag_for
 from mplug_ds.runtime.launch_env import free_port
 from tests.engine.engine_runs import DEEPSPEED, REPO, records, run, step_losses
 from tests.processes import started, wait_for
+from tests.tasks.predict_checks import assert_predictor_matches
 from tests.tasks.task_data import (assert_predictions_picture, shard_overrides, write_export, write_grounding_shards,
                                    write_retrieval_shards)
 
@@ -53,6 +54,8 @@ def test_evaluation_on_two_ranks_equals_one_rank_on_an_odd_set(data, tmp_path, t
     one, two = results[1], results[2]
     assert one["metrics"] == two["metrics"] and one["metrics"]["num_samples" if task == "grounding" else "num_images"] == 7
     assert _eval(tmp_path / "1")["checkpoint"] == str(data["export"])
+    evaluated = tmp_path / "1" / "eval" / "evaluate.json"
+    assert_predictor_matches(task, data["export"], evaluated, data[task], evaluated.with_suffix(".config.yaml"))
     if task == "grounding":
         assert [p["index"] for p in two["results"]] == list(range(7))
         assert [p["pred_box"] for p in one["results"]] == [p["pred_box"] for p in two["results"]]

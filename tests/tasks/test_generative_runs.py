@@ -5,6 +5,7 @@ import json
 import pytest
 
 from tests.engine.engine_runs import run
+from tests.tasks.predict_checks import assert_predictor_matches
 from tests.tasks.task_data import (assert_predictions_picture, shard_overrides, write_export, write_retrieval_shards,
                                    write_vqa_shards)
 from tests.tasks.test_finetune_runs import finetune
@@ -36,6 +37,8 @@ def test_evaluation_on_two_ranks_equals_one_rank_on_an_odd_set(data, tmp_path, t
         assert_predictions_picture(output, out / "eval" / "evaluate.png")
     one, two = results[1], results[2]
     assert one["metrics"] == two["metrics"] and one["baseline"] == two["baseline"]
+    evaluated = tmp_path / "1" / "eval" / "evaluate.json"
+    assert_predictor_matches(task, data["export"], evaluated, data[task], evaluated.with_suffix(".config.yaml"))
     assert server[1] == server[2] == one["results"]
     if task == "vqa":
         assert one["metrics"]["num_scored"] == 7
