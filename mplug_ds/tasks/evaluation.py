@@ -61,4 +61,5 @@ def draw_predictions(task: FinetuneTask, samples: EvalSamples, predictions: list
     panels = [panel for panel in panels if panel is not None]
     if not panels:
         return None
-    return draw_panels(panels, out, title or f"{task.name}: {len(panels)} evaluated samples, evenly spaced ({out.stem})")
+    title = title or f"{task.name}: {len(panels)} evaluated samples, evenly spaced ({out.stem})"
+    return draw_panels(panels, out, title)

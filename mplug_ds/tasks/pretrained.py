@@ -217,4 +217,5 @@ def check_trained(path: str | Path, task: str, uses: tuple[str, ...]) -> None:
     parts = untrained_parts(random_init_keys(path), uses)
     if parts:
         raise ConfigError(f"--pretrained {describe_untrained(path, task, parts)}; evaluating it would only give "
-                          f"meaningless numbers: fine-tune '{task}' from it first, or pass a checkpoint that holds them")
+                          f"meaningless numbers: fine-tune '{task}' from it first, or pass a checkpoint that holds "
+                          "them")

@@ -4,7 +4,6 @@ That its predictions are the evaluation's is checked on every task's evaluation 
 import json
 
 import pytest
-import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
