@@ -4,11 +4,17 @@ That its predictions are the evaluation's is checked on every task's evaluation 
 import json
 
 import pytest
+import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
 import mplug_ds
 from mplug_ds.data.reading import decode_sample
+from mplug_ds.data.sample import Sample
+from mplug_ds.models.mplug import build_model
+from mplug_ds.tasks import TASKS, build_task
+from mplug_ds.tasks.finetune_config import FinetuneConfig
+from mplug_ds.tasks.recipe import task_data_config
 from tests.tasks.task_data import _scene, write_export
 from tools.predict import main as predict_main
 
@@ -59,6 +65,7 @@ def test_rank_scores_every_pair_and_reranks_both_ways(export, photos):
             assert [s for _, s in row] == sorted((s for _, s in row), reverse=True)
 
 
+@pytest.mark.filterwarnings("ignore:Glyph")  # random weights write any token, in any script
 def test_predict_tool_prints_the_captions_and_draws_them(export, photos, tmp_path, capsys):
     paths, _ = photos
     picture = tmp_path / "captions.png"
@@ -71,6 +78,7 @@ def test_predict_tool_prints_the_captions_and_draws_them(export, photos, tmp_pat
         assert drawn.format == "PNG" and drawn.width >= 300 and drawn.height >= 200
 
 
+@pytest.mark.filterwarnings("ignore:Glyph")
 def test_predict_tool_json_is_all_of_stdout(export, photos, tmp_path, capsys):
     paths, texts = photos
     assert predict_main([str(export), "--task", "vqa", *map(str, paths), "--question", "what colour is the box?",
@@ -90,3 +98,26 @@ def test_a_task_without_its_head_is_refused_naming_what_the_checkpoint_holds(exp
     assert "holds no 've' head" in capsys.readouterr().err
     assert predict_main([str(export), "--task", "nlvr2", str(paths[0]), "--text", texts[0]]) == 2
     assert "pairs: got 1 images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_a_tasks_predictions_run_only_the_parts_it_declares_it_uses(name, photos):
+    """``uses`` decides which never-trained parts refuse a task: every part its predictions run must be listed."""
+    paths, texts = photos
+    task = build_task(name, {"num_beams": 1, "min_length": 1, "max_length": 3} if name in ("caption", "vqa") else None)
+    model = build_model("tiny").eval()
+    ran = set()
+    for part_name, part in model.named_children():
+        part.register_forward_hook(lambda *_, part_name=part_name: ran.add(part_name))
+    data = task_data_config(FinetuneConfig(), model.cfg, task, False, [])
+    images = [Image.open(p).convert("RGB") for p in paths]
+    if name == "retrieval":
+        task.rank(model, images, texts, data, 2, torch.device("cpu"))
+    else:
+        pairs = name == "nlvr2"
+        samples = [(i, Sample(key=f"s{i}", task=task.sample_task, image=None if pairs else im,
+                              images=[im, im] if pairs else [], texts=[t]))
+                   for i, (im, t) in enumerate(zip(images, texts))]
+        task.predict(task.build(model).eval(), task.eval_items(samples, data), data, torch.device("cpu"))
+    declared = {prefix.rstrip(".") for prefix in task.uses}
+    assert ran and ran <= declared, f"{name} runs {sorted(ran - declared)} but does not declare it in uses"
