@@ -11,20 +11,22 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import yaml
 
-from mplug_ds.config import ConfigError, config_keys, format_config_keys
+from mplug_ds.config import ConfigError, config_keys, format_config_keys, to_dict
 from mplug_ds.data.data_config import check_full_batches
 from mplug_ds.engine.cli import EXIT_CONFIG_ERROR, add_run_arguments, run_overrides, write_plot
 from mplug_ds.engine.validate import validate_engine
 from mplug_ds.models.config import ModelConfig, load_model_config
 from mplug_ds.runtime import watchdog
+from mplug_ds.runtime.atomic import atomic_write_text
 from mplug_ds.runtime.failure import exit_hard_on_failure
 from mplug_ds.runtime.launch_env import (EXIT_PORT_IN_USE, PortInUseError, WorldInfo, init_distributed,
                                          limit_cpu_threads, start_rank)
 from mplug_ds.tasks import TASKS, build_task
 from mplug_ds.tasks.checks import check_task_shards
 from mplug_ds.tasks.finetune_config import FinetuneConfig, load_finetune_config
-from mplug_ds.tasks.pretrained import EXPORT_FILE, check_pretrained, check_task_weights
+from mplug_ds.tasks.pretrained import EXPORT_FILE, check_pretrained, check_task_weights, check_trained
 from mplug_ds.tasks.recipe import ResolvedTask, TaskRecipe, resolve_task_shards
 
 
@@ -170,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("--evaluate needs --pretrained (the weights to evaluate)")
         if args.evaluate and cfg.task.pretrained:
             check_task_weights(cfg.task.pretrained, cfg.task.name, resolved.task.head_prefixes)
+            check_trained(cfg.task.pretrained, cfg.task.name, resolved.task.uses)
         if cfg.data.source == "demo":
             prepare_demo(cfg, resolved, world)
     except ConfigError as err:
@@ -223,11 +226,15 @@ def evaluate_only(cfg: FinetuneConfig, resolved: ResolvedTask, world: WorldInfo)
     data = task_data_config(cfg, resolved.model, resolved.task, False, resolved.train_sources)
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
+    results = out / "eval" / "evaluate.json"
+    if world.rank == 0:  # the settings it ran with, beside its results (mplug_ds.load(..., config=…) repeats them)
+        results.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(results.with_suffix(".config.yaml"), yaml.safe_dump(to_dict(cfg), sort_keys=False))
     dog = watchdog.HangWatchdog(out, world, cfg.run.hang_timeout_s,
                                 watchdog.LONG_FRACTION * cfg.run.collective_timeout_s).start()
     watchdog.phase("evaluation", 0)
     result = run_evaluation(resolved.task, module, resolved.eval_shards, data, cfg.eval.batch_size,
-                            cfg.eval.max_samples, device, out / "eval" / "evaluate.json" if world.rank == 0 else None)
+                            cfg.eval.max_samples, device, results if world.rank == 0 else None)
     dog.stop()
     if world.rank == 0:
         print(report.format() + (f"\nloaded {head} tensors of the task head" if head else ""), flush=True)

@@ -15,6 +15,7 @@ from mplug_ds.tasks import build_task
 from mplug_ds.tasks.pretrained import check_task_weights
 from tests.engine.engine_runs import REPO, launch, run
 from tests.tasks.classification_data import write_nlvr2_shards, write_ve_shards
+from tests.tasks.predict_checks import assert_predictor_matches
 from tests.tasks.task_data import (assert_predictions_picture, shard_overrides, write_export, write_grounding_shards,
                                    write_retrieval_shards, write_vqa_shards)
 from tools.export_checkpoint import main as export_main
@@ -63,7 +64,7 @@ def runs(tmp_path_factory):
     one += [[f"{t}_export", job(t, root / "from_export" / t, "--evaluate", "--pretrained",
                                 str(root / "export_trained" / t))[1]] for t in CLASSIFIERS]
     logs[1] = _run_jobs(root / "one.json", one, 1)
-    return {"root": root, "export": export, "logs": logs}
+    return {"root": root, "export": export, "logs": logs, "shards": shards}
 
 
 def _result(runs, ranks, task, name="evaluate.json"):
@@ -75,6 +76,8 @@ def _both(runs, task):
         assert_predictions_picture(runs["logs"][ranks][task], runs["root"] / str(ranks) / task / "eval" / "evaluate.png")
     one, two = _result(runs, 1, task), _result(runs, 2, task)
     assert one["metrics"] == two["metrics"] and one["baseline"] == two["baseline"]
+    evaluated = runs["root"] / "1" / task / "eval" / "evaluate.json"  # mplug_ds.load predicts what it wrote
+    assert_predictor_matches(task, runs["export"], evaluated, runs["shards"][task], evaluated.with_suffix(".config.yaml"))
     return one, two
 
 
@@ -146,3 +149,6 @@ def test_classifier_trained_on_two_ranks_evaluates_alike_on_one_and_from_its_exp
     other = "ve" if task == "nlvr2" else "nlvr2"
     with pytest.raises(ConfigError, match=f"no '{other}' head: its task.safetensors is of task '{task}'"):
         check_task_weights(runs["root"] / "export_trained" / task, other, build_task(other).head_prefixes)
+    evaluated = runs["root"] / "1" / task / "eval" / "evaluate.json"
+    for checkpoint in (runs["root"] / "export_trained" / task, runs["root"] / "trained" / task):
+        assert_predictor_matches(task, checkpoint, evaluated, runs["shards"][task])  # an export, a run directory
