@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ from typing import Sequence
 import torch
 import yaml
 
-from mplug_ds.config import ConfigError, config_keys, format_config_keys, to_dict
+from mplug_ds.config import ConfigError, config_keys, config_path, format_config_keys, to_dict
 from mplug_ds.data.data_config import check_full_batches
 from mplug_ds.engine.cli import EXIT_CONFIG_ERROR, add_run_arguments, run_overrides, write_plot
 from mplug_ds.engine.validate import validate_engine
@@ -111,18 +112,29 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+def demo_pretrain_fingerprint(overrides: Sequence[str]) -> str:
+    """12 hex digits of the demo pre-training's recipe: its pre-training and model configs and ``overrides``."""
+    digest = hashlib.sha1()
+    for path in (config_path("pretrain", "demo"), config_path("models", "demo")):
+        digest.update(path.read_bytes())
+    digest.update("\0".join(overrides).encode())
+    return digest.hexdigest()[:12]
+
+
 def ensure_demo_pretrained(cfg: FinetuneConfig) -> Path:
-    """The demo pre-training checkpoint (an export under ``<cache_dir>/pretrained``); made first if missing by
-    running the demo pre-training (``launch/pretrain.py``) in one process and exporting its last checkpoint."""
+    """The demo pre-training checkpoint (an export under ``<cache_dir>/world-*/pretrained-<recipe>``); made first if
+    missing by running the demo pre-training (``launch/pretrain.py``) in one process and exporting its last
+    checkpoint."""
     from mplug_ds.engine.export import export_checkpoint
 
     from mplug_ds.data.demo_shards import world_dir
 
     cache = Path(cfg.data.cache_dir).expanduser()
-    export = world_dir(cache) / "pretrained"  # a checkpoint of this demo world
+    recipe = demo_pretrain_fingerprint(cfg.task.demo_pretrain)  # a changed demo recipe trains a new checkpoint
+    export = world_dir(cache) / f"pretrained-{recipe}"  # a checkpoint of this demo world and recipe
     if (export / EXPORT_FILE).is_file():
         return export
-    run_dir = world_dir(cache) / "pretrain_run"
+    run_dir = world_dir(cache) / f"pretrain_run-{recipe}"
     print(f"no demo pre-training checkpoint in {export}: running the demo pre-training first ({run_dir})", flush=True)
     code = "import sys; from mplug_ds.objectives.cli import main; sys.exit(main())"
     # One process with ZeRO kept: DeepSpeed's zero_to_fp32 (the export) cannot read a stage-0 checkpoint.

@@ -96,8 +96,9 @@ def test_task_only_makes_the_demo_checkpoint_then_fine_tunes_and_reports(tmp_pat
     output = run(finetune(out, ["--task", "grounding", f"data.cache_dir={cache}", f"task.demo_pretrain={demo_pretrain}",
                                 "schedule.total_steps=2", "schedule.warmup_steps=1", "eval.max_samples=12",
                                 "batch.micro_batch_per_gpu=4"], 2), seconds=900)
-    assert (world_dir(cache) / "pretrained" / "model.safetensors").exists()
-    assert "loaded" in output and str(world_dir(cache) / "pretrained") in output  # the load report
+    (export,) = world_dir(cache).glob("pretrained-*")  # keyed by the demo pre-training's recipe
+    assert (export / "model.safetensors").exists()
+    assert "loaded" in output and str(export) in output  # the load report
     report = output[output.index("=== grounding evaluation ==="):]
     assert "acc (Acc@IoU≥0.5)" in report and "best trivial box" in report
     results = json.loads(next((out / "eval").glob("step_*.json")).read_text())
