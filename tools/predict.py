@@ -1,7 +1,7 @@
 """Ask a trained model about images: print its captions, answers, boxes, rankings or labels, and draw them.
 
     python tools/predict.py outputs/caption_demo/export --task caption photo.jpg other.jpg
-    python tools/predict.py outputs/vqa_demo/export --task vqa photo.jpg --question "what colour is the circle?"
+    python tools/predict.py outputs/vqa_demo/export --task vqa photo.jpg --question "what color is the circle?"
     python tools/predict.py outputs/grounding_demo/export --task grounding photo.jpg --text "the red square"
     python tools/predict.py outputs/retrieval_demo/export --task retrieval a.jpg b.jpg --text "a red circle" \\
         --text "two blue squares"
