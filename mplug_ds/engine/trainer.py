@@ -121,6 +121,10 @@ class Trainer:
         watch = LauncherWatch(stop.request)
         try:
             data = self.resume_or_start()
+            if self.recipe.evaluate_at_start and self.state.step == 0:  # e.g. a fine-tuning's zero-shot figure
+                self.last_metrics = self.recipe.evaluate(self.engine)
+                if self.last_metrics:
+                    self.logger.evaluation(0, False, self.last_metrics)
             stopped = False
             every_eval = self.recipe.eval_every_steps
             while self.state.step < cfg.schedule.total_steps and not stopped:

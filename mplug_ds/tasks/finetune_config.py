@@ -40,6 +40,7 @@ class TaskEvalSection:
     """Evaluation during and after fine-tuning; the task's metric selects the best checkpoint."""
 
     every_steps: int = 0  # also evaluate every this many optimizer steps (0: only after the last step)
+    at_start: bool = False  # also evaluate before the first step (the zero-shot figure beside the fine-tuned one)
     max_samples: int | None = None  # evaluate only the first N samples of the evaluation shards (None: all)
     batch_size: int = 64
 
