@@ -50,7 +50,8 @@ def read_msrvtt(args: ReaderArgs) -> Iterator[Sample | Skip]:
                 yield Skip(str(path), f"videos[{index}]", f"malformed row: {err}")
         for index, sentence in enumerate(data["sentences"]):
             try:
-                captions.setdefault(need(sentence, "video_id", str), []).append(need(sentence, "caption", str))
+                video_id, caption = need(sentence, "video_id", str), need(sentence, "caption", str)
+                captions.setdefault(video_id, []).append(caption)
             except MalformedRow as err:
                 yield Skip(str(path), f"sentences[{index}]", f"malformed row: {err}")
     root = args.image_root()

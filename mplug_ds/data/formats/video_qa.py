@@ -16,6 +16,7 @@ where, when; otherwise ``other``), the breakdown ALPRO reports.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -39,8 +40,8 @@ QUESTION_WORDS = ("what", "who", "how", "where", "when")
 
 def question_type(question: str) -> str:
     """The question's first word when it is one of ``QUESTION_WORDS``, else ``other``."""
-    words = question.strip().lower().split()
-    return words[0] if words and words[0] in QUESTION_WORDS else "other"
+    first = re.match(r"\s*([a-z]+)", question.lower())
+    return first.group(1) if first and first.group(1) in QUESTION_WORDS else "other"
 
 
 Question = tuple[str, str, Any, str]  # (question, answer, question id, answer type)
