@@ -57,3 +57,32 @@ def write_truncated(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data[: len(data) // 2])
     return path
+
+
+def write_video_shards(directory: Path, kind: str, counts: list[int]) -> str:
+    """Shards of ``video_caption`` or ``video_qa`` samples (clips of 5–11 frames, a square of varying colour moving
+    right), ``counts[i]`` in shard i, with a manifest; returns their brace pattern."""
+    from mplug_ds.data.sample import Sample
+    from tests.data.shard_utils import write_manifest, write_shard
+
+    names = ("red", "green", "blue")
+    n, written = 0, {}
+    for shard, count in enumerate(counts):
+        samples = []
+        for _ in range(count):
+            colour, video = names[n % 3], clip_bytes(5 + n % 7, seed=n)
+            if kind == "video_caption":
+                texts = [f"a {colour} square moves right", f"a picture of a {colour} square", f"clip {n}"][: 1 + n % 3]
+                samples.append(Sample(key=f"c{n:03d}", task="video_caption", video=video, texts=texts,
+                                      image_id=f"clip{n}"))
+            else:
+                qa = [("what colour is the square?", colour, "what"), ("which way does it move?", "right", "which"),
+                      ("is it a square?", "yes", "is")][: 1 + n % 3]
+                samples.append(Sample(key=f"q{n:03d}", task="video_qa", video=video, texts=[q for q, _, _ in qa],
+                                      answers=[a for _, a, _ in qa], answer_weights=[1.0] * len(qa),
+                                      extra={"question_ids": [100 * n + i for i in range(len(qa))],
+                                             "answer_types": [t for _, _, t in qa]}))
+            n += 1
+        written[write_shard(directory / f"{kind}-{shard:06d}.tar", samples).name] = count
+    write_manifest(directory, written)
+    return f"{directory}/{kind}-{{{0:06d}..{len(counts) - 1:06d}}}.tar"

@@ -69,8 +69,9 @@ class CaptionModel(nn.Module):
             ids = torch.cat([ids[:, :1], prompt, ids[:, 1:]], dim=1)
             mask = torch.cat([mask[:, :1], torch.ones_like(prompt), mask[:, 1:]], dim=1)
         nll, valid = self.model.decoder.token_nll(ids, mask, visual, None)
-        valid[:, :n] = False
-        return {"loss": (nll * valid).sum() / valid.sum().clamp(min=1)}
+        scored = valid.clone()
+        scored[:, :n] = False
+        return {"loss": (nll * scored).sum() / scored.sum().clamp(min=1)}
 
     @torch.no_grad()
     def generate(self, batch: Batch, cfg: BeamConfig) -> list[str]:
