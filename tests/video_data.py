@@ -1,4 +1,5 @@
-"""Small real videos for the tests: clips encoded by the project's encoder, an AVI, and the broken files readers meet."""
+"""Small real videos for the tests: clips encoded by the project's encoder, an AVI, the broken files readers meet,
+and video task shards."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -21,6 +21,7 @@ Layout under ``out`` (``video_shard_inputs`` gives the matching reader arguments
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -67,7 +68,7 @@ class Clip:
 
     @property
     def vatex_id(self) -> str:
-        return f"demo{self.number:07d}_000000_{self.frames * 1000 // FPS:06d}"
+        return f"demo{self.number:07d}_000000_{math.ceil(self.frames / FPS):06d}"  # <id>_<start s>_<end s>
 
 
 def _box(cx: float, cy: float) -> tuple[int, int, int, int]:

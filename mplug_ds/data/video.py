@@ -55,7 +55,7 @@ class PyAVDecoder:
     def probe(self, data: bytes) -> VideoInfo:
         with _open(data) as (container, stream):
             count, size = 0, None
-            for frame in _frames(container, stream):
+            for frame in container.decode(stream):
                 size = size or (frame.width, frame.height)
                 count += 1
             if count == 0:
@@ -72,7 +72,7 @@ class PyAVDecoder:
                 if picked is not None:
                     return picked
             else:  # the container states no frame count: count them first
-                length = sum(1 for _ in _frames(container, stream))
+                length = sum(1 for _ in container.decode(stream))
         if length == 0:
             raise ValueError("video has no frames")
         with _open(data) as (container, stream):  # a second pass, knowing the real number of frames
@@ -105,17 +105,13 @@ class _open:
         return False
 
 
-def _frames(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> Iterator[av.VideoFrame]:
-    yield from container.decode(stream)
-
-
 def _pick(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
           indices: list[int]) -> tuple[list[Image.Image] | None, int]:
     """(the RGB frames at ``indices``, or ``None`` when the clip ends before the last of them; frames decoded)."""
     wanted, last = set(indices), max(indices)
     images: dict[int, Image.Image] = {}
     position = -1
-    for position, frame in enumerate(_frames(container, stream)):
+    for position, frame in enumerate(container.decode(stream)):
         if position in wanted:
             images[position] = frame.to_image()
         if position == last:
@@ -175,7 +171,7 @@ def reencode(data: bytes, max_side: int) -> tuple[bytes, VideoInfo]:
 
         def scaled() -> Iterator[np.ndarray]:
             nonlocal count
-            for frame in _frames(container, stream):
+            for frame in container.decode(stream):
                 count += 1
                 yield frame.reformat(width=width, height=height, format="rgb24",
                                      interpolation="BICUBIC").to_ndarray()

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -122,7 +123,8 @@ class Trainer:
         try:
             data = self.resume_or_start()
             if self.recipe.evaluate_at_start and self.state.step == 0:  # e.g. a fine-tuning's zero-shot figure
-                self.last_metrics = self.recipe.evaluate(self.engine)
+                with parameters_found_on_use(self.engine):
+                    self.last_metrics = self.recipe.evaluate(self.engine)
                 if self.last_metrics:
                     self.logger.evaluation(0, False, self.last_metrics)
             stopped = False
@@ -348,3 +350,19 @@ class Trainer:
                           output_dir=str(self.cfg.output_dir), skipped_samples=skipped,
                           warnings=[warning_line(name, entry, self.skipped.warn_fraction)
                                     for name, entry in skipped.items() if name in self.skipped.warned])
+
+
+@contextmanager
+def parameters_found_on_use(engine: deepspeed.DeepSpeedEngine) -> Iterator[None]:
+    """Under ZeRO-3, a parameter read outside its own module's forward (a ViT's class token read by
+    ``forward_features``, a model-level temperature) is gathered when it is read — as DeepSpeed does inside the
+    engine's forward, which also registers it with the module that read it for every later call. An evaluation
+    before the first training step runs outside any engine forward and needs this; no effect without ZeRO-3."""
+    flags = [m._parameters for m in engine.module.modules() if hasattr(m._parameters, "_in_forward")]
+    for flag in flags:
+        flag._in_forward = True
+    try:
+        yield
+    finally:
+        for flag in flags:
+            flag._in_forward = False

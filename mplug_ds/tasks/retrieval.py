@@ -10,9 +10,9 @@ video retrieval (``tasks/video_retrieval.py``): a clip is encoded by ``MPLUG.enc
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 import dataclasses
 import random
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Mapping
 

@@ -27,7 +27,7 @@ from mplug_ds.eval.distributed import gather_to_rank0, lockstep_batches
 from mplug_ds.eval.pictures import Panel
 from mplug_ds.eval.vqa import clean_answer, exact_match
 from mplug_ds.tasks.base import EvalResult, EvalSamples
-from mplug_ds.tasks.visual import picture, visual_input
+from mplug_ds.tasks.visual import picture
 from mplug_ds.tasks.vqa import VQAConfig, VQATask
 
 
@@ -63,7 +63,7 @@ class VideoQATask(VQATask):
         predictions = []
         for chunk, real in lockstep_batches(samples, batch_size, samples[0] if samples else None, device):
             videos = [prepare(sample, random.Random(index)) | {"index": index} for index, sample in chunk]
-            visual = module.model.encode_visual(visual_input(stack_visual(videos), device)).memory
+            visual = module.visual({k: v.to(device) for k, v in stack_visual(videos).items()})
             questions = [(v, n, q) for v, video in enumerate(videos) for n, q in enumerate(video["questions"])]
             # every rank answers as many question batches as the rank with the most questions (lockstep)
             for group, real_group in lockstep_batches(questions, batch_size, questions[0], device):

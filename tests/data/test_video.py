@@ -116,3 +116,16 @@ def test_video_qa_items_carry_the_clip_and_its_questions():
     every = Preparer(DataConfig(task="video_qa", train=False, image_res=32, patch_size=16, num_frames=4))(
         sample, random.Random(0))
     assert [q["question_id"] for q in every["questions"]] == [7, 8, 9]  # evaluation: all questions, in order
+
+
+@pytest.mark.slow
+def test_benchmark_data_reports_videos_and_frames_per_second(tmp_path):
+    import sys
+
+    from tests.processes import REPO, run_checked
+    from tests.video_data import write_video_shards
+
+    shards = write_video_shards(tmp_path, "video_caption", [4, 4])
+    out = run_checked([sys.executable, REPO / "tools" / "benchmark_data.py", "--shards", shards, "--workers", "1",
+                       "--batches", "2", "--batch-size", "2", "--res", "32", "--frames", "4"], 120)
+    assert "4 frames per clip" in out and "videos/s" in out and "frames/s) per worker" in out

@@ -94,7 +94,8 @@ def test_video_text_rows_of_blip_and_lavis(tmp_path):
                                  {"video": "clipE.avi", "caption": "nothing"}, {"caption": "no video"}]))
     samples, skipped = _shard("video-text", ReaderArgs(ann=[blip, lavis], images=root), tmp_path / "out")
     assert set(samples) == {"video_test_video7", "video_train_video8"}
-    assert samples["video_test_video7"].texts == ["a cat", "a cat plays"] and samples["video_test_video7"].split == "test"
+    cat = samples["video_test_video7"]
+    assert cat.texts == ["a cat", "a cat plays"] and cat.split == "test"
     assert samples["video_train_video8"].texts == ["a dog", "a dog runs"]
     _assert_broken_videos_skipped(skipped, "video_test_missing", "video_test_video9", "video_train_clipE")
     assert "line 5" in skipped and "missing field 'video'" in skipped["[2]"]
@@ -133,7 +134,8 @@ def test_msvd_qa_maps_video_ids_through_youtube_mapping(tmp_path):
     samples, skipped = _shard("msvd-qa", args, tmp_path / "o")
     assert set(samples) == {"msvd_qa_train_abc_1_5"} and samples["msvd_qa_train_abc_1_5"].split == "train"
     assert samples["msvd_qa_train_abc_1_5"].extra["video"]["format"] == "avi"
-    _assert_broken_videos_skipped(skipped, "msvd_qa_train_missing_0_1", "msvd_qa_train_def_2_9", "msvd_qa_train_ghi_0_4")
+    _assert_broken_videos_skipped(skipped, "msvd_qa_train_missing_0_1", "msvd_qa_train_def_2_9",
+                                  "msvd_qa_train_ghi_0_4")
     assert "vid7" in skipped["[8]"]
 
 
@@ -161,9 +163,9 @@ def test_vatex_captions_and_the_private_test_without_references(tmp_path):
     rows = [{"videoID": video, "enCap": [f"caption {i} of {video}" for i in range(10)], "chCap": ["中文"]}
             for video in ("aaa_000010_000020", "bbb_000000_000010", "ccc_000005_000015", "ddd_000000_000010")]
     (tmp_path / "vatex_training_v1.0.json").write_text(json.dumps(rows))
-    (tmp_path / "vatex_private_test_without_annotations.json").write_text(json.dumps([{"videoID": "aaa_000010_000020"}]))
-    args = ReaderArgs(ann=[tmp_path / "vatex_training_v1.0.json",
-                           tmp_path / "vatex_private_test_without_annotations.json"], images=root)
+    private = tmp_path / "vatex_private_test_without_annotations.json"
+    private.write_text(json.dumps([{"videoID": "aaa_000010_000020"}]))
+    args = ReaderArgs(ann=[tmp_path / "vatex_training_v1.0.json", private], images=root)
     samples, skipped = _shard("vatex", args, tmp_path / "o")
     assert set(samples) == {"vatex_aaa_000010_000020"}
     sample = samples["vatex_aaa_000010_000020"]
