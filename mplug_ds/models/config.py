@@ -44,9 +44,9 @@ class TextConfig:
 class VideoConfig:
     """How clips go through the image model: every frame through the ViT, then these choices."""
 
-    # decoder / fusion memory of a clip: concat (every frame's tokens, as published), mean (the frames' tokens
-    # averaged: one frame's worth), pool (each frame's class token + its patch grid average-pooled by pool_size)
-    memory: Literal["concat", "mean", "pool"] = "concat"
+    # concat: every frame's tokens (as published); mean: the frames' tokens averaged (one frame's worth); pool: each
+    # frame's class token + its patch grid average-pooled by pool_size
+    memory: Literal["concat", "mean", "pool"] = "concat"  # what fusion and the decoder read of a clip
     pool_size: int = 2  # memory=pool: patch grid pooling window (2: a quarter of the patch tokens per frame)
     temporal_embedding: bool = False  # a learned per-frame embedding added to the frame tokens (zero at init)
     max_frames: int = 16  # frames the temporal embedding covers

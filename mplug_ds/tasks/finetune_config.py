@@ -18,7 +18,7 @@ from mplug_ds.engine.train_config import EngineConfig, ModelSection
 class TaskSection:
     """Which task, its options, and the weights it starts from."""
 
-    name: str = ""  # grounding | retrieval | vqa | caption (launch/finetune.py --task sets it)
+    name: str = ""  # the task, one of TASKS (launch/finetune.py --task sets it)
     options: dict[str, Any] = field(default_factory=dict)  # fields of the task's config (GroundingConfig, …)
     pretrained: str | None = None  # export dir or DeepSpeed checkpoint dir; demo: the demo pre-training checkpoint
     demo_pretrain: list[str] = field(default_factory=list)  # overrides of the demo pre-training made when missing
