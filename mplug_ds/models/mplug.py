@@ -121,6 +121,10 @@ class MPLUG(nn.Module):
         tokens = self.encode_video(pixels)
         return Visual(self.video_memory(tokens), self.video_feature(tokens))
 
+    def visual_memory(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``encode_visual``'s memory alone (the contrastive projection is not run)."""
+        return self.encode_image(pixels) if pixels.dim() == 4 else self.video_memory(self.encode_video(pixels))
+
     def encode_image_tapped(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``encode_image`` plus the ViT hidden states after the patch predictor's block ``(B, 1 + patches, W)``."""
         x, tapped = self.visual(images, tap_layer=self._predictor_layer())

@@ -26,11 +26,11 @@ from mplug_ds.data.sample import Sample
 from mplug_ds.data.tokenizer import CLS_ID, SEP_ID, get_tokenizer
 from mplug_ds.data.transforms import pre_caption
 from mplug_ds.eval.caption import caption_metrics, constant_caption_cider
-from mplug_ds.eval.distributed import gather_to_rank0, lockstep_batches, merge_predictions
+from mplug_ds.eval.distributed import gather_to_rank0, merge_predictions
 from mplug_ds.eval.pictures import Panel
 from mplug_ds.models.generation import BeamConfig, beam_search
 from mplug_ds.models.mplug import MPLUG
-from mplug_ds.tasks.base import EvalResult, EvalSamples, FinetuneTask
+from mplug_ds.tasks.base import IMAGE_TOWER, EvalResult, EvalSamples, SampleTask, predict_in_lockstep
 from mplug_ds.tasks.train_stats import on_rank0, training_annotations
 from mplug_ds.tasks.visual import picture, visual_input
 from mplug_ds.tasks.vqa import decode_text
@@ -62,7 +62,7 @@ class CaptionModel(nn.Module):
 
     def forward(self, batch: Batch, **_: Any) -> dict[str, torch.Tensor]:
         """``loss``: mean token cross-entropy of the caption (after the prompt) given the image tokens."""
-        visual = self.model.encode_visual(visual_input(batch)).memory
+        visual = self.model.visual_memory(visual_input(batch))
         ids, mask, n = batch["text_ids"], batch["text_mask"], len(self.prompt)
         if n:  # [CLS] prompt caption [SEP]: the prompt's tokens are given, not predicted
             prompt = torch.tensor(self.prompt, device=ids.device).expand(ids.shape[0], n)
@@ -76,7 +76,7 @@ class CaptionModel(nn.Module):
     @torch.no_grad()
     def generate(self, batch: Batch, cfg: BeamConfig) -> list[str]:
         """Beam-searched captions (the prompt left out), one per image or clip."""
-        visual = self.model.encode_visual(visual_input(batch)).memory
+        visual = self.model.visual_memory(visual_input(batch))
         prompt = torch.tensor([CLS_ID, *self.prompt], device=visual.device).expand(visual.shape[0], -1)
         out = beam_search(self.model.decoder, visual, None, prompt, cfg, eos_id=SEP_ID)
         return [decode_text(t) for t in out.tokens]
@@ -88,7 +88,7 @@ def coco_image_id(image_id: str | None, key: str) -> int | str:
     return int(value) if str(value).isdigit() else value
 
 
-class CaptionTask(FinetuneTask):
+class CaptionTask(SampleTask):
     """COCO captioning: CIDEr selects; BLEU-1..4, METEOR, ROUGE-L (and SPICE) reported."""
 
     name = "caption"
@@ -98,6 +98,7 @@ class CaptionTask(FinetuneTask):
     config_type = CaptionConfig
     required_fields = ("texts",)
     results_name = "captions"
+    uses = (*IMAGE_TOWER, "decoder.")
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(options)
@@ -121,22 +122,29 @@ class CaptionTask(FinetuneTask):
             self._frequent = on_rank0(lambda: frequent_caption(data, self.cfg.train_scan_samples))
         return self._frequent
 
+    def eval_items(self, samples: EvalSamples, data: DataConfig) -> list[dict[str, Any]]:
+        """The picture is prepared per batch in ``predict`` (a clip is decoded only when its batch runs)."""
+        return [{"index": index, "sample": sample, "references": list(sample.texts),
+                 "image_id": coco_image_id(sample.image_id, sample.key)} for index, sample in samples]
+
+    @torch.no_grad()
+    def predict(self, module: nn.Module, items: list[dict[str, Any]], data: DataConfig,
+                device: torch.device) -> list[dict[str, Any]]:
+        """``caption``: beam search from [CLS] over the image (or clip) tokens."""
+        cfg = self.cfg
+        beam = BeamConfig(cfg.num_beams, cfg.min_length, cfg.max_length, cfg.length_penalty,
+                          no_repeat_ngram=cfg.no_repeat_ngram)
+        prepare = Preparer(dataclasses.replace(data, task="caption", train=False))
+        visual = stack_visual([prepare.visual(it["sample"], random.Random(it["index"])) for it in items])
+        captions = module.generate({k: v.to(device) for k, v in visual.items()}, beam)
+        return [{"caption": caption} for caption in captions]
+
     @torch.no_grad()
     def evaluate(self, module: nn.Module, samples: EvalSamples, data: DataConfig, batch_size: int,
                  device: torch.device) -> EvalResult:
-        cfg = self.cfg
-        prepare = Preparer(dataclasses.replace(data, task="caption", train=False))
-        beam = BeamConfig(cfg.num_beams, cfg.min_length, cfg.max_length, cfg.length_penalty,
-                          no_repeat_ngram=cfg.no_repeat_ngram)
         constant = self.most_frequent_caption(data)
-        predictions = []
-        for chunk, real in lockstep_batches(samples, batch_size, samples[0] if samples else None, device):
-            visual = stack_visual([prepare.visual(sample, random.Random(index)) for index, sample in chunk])
-            captions = module.generate({k: v.to(device) for k, v in visual.items()}, beam)
-            if real:
-                predictions += [{"index": index, "image_id": coco_image_id(sample.image_id, sample.key),
-                                 "caption": caption, "references": list(sample.texts)}
-                                for (index, sample), caption in zip(chunk, captions)]
+        predictions = predict_in_lockstep(self, module, self.eval_items(samples, data), data, batch_size, device,
+                                          keep=("index", "image_id", "references"))
         gathered = gather_to_rank0(predictions)
         if gathered is None:
             return EvalResult()
@@ -144,7 +152,7 @@ class CaptionTask(FinetuneTask):
         by_id = {p["index"]: p for p in merged}  # sample indices: unique even when image ids repeat
         references = {i: p["references"] for i, p in by_id.items()}
         metrics, self._spice_note = caption_metrics(references, {i: p["caption"] for i, p in by_id.items()},
-                                                    spice=cfg.spice)
+                                                    spice=self.cfg.spice)
         metrics["num_images"] = float(len(merged))
         if constant is None:  # no training annotations readable: the evaluation references' most frequent caption
             constant = Counter(pre_caption(r, 50) for p in merged for r in p["references"]).most_common(1)[0][0]
@@ -155,7 +163,8 @@ class CaptionTask(FinetuneTask):
 
     def panel(self, sample: Sample, prediction: dict[str, Any]) -> Panel:
         lines = [f"generated: {prediction['caption']}"]
-        return Panel(images=picture(sample), lines=lines + [f"reference: {r}" for r in prediction["references"][:1]])
+        references = prediction.get("references") or []  # none for an image of one's own
+        return Panel(images=picture(sample), lines=lines + [f"reference: {r}" for r in references[:1]])
 
 
 def frequent_caption(data: DataConfig, limit: int) -> str | None:

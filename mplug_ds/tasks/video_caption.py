@@ -32,6 +32,7 @@ class VideoCaptionTask(CaptionTask):
     name = "video_caption"
     config_type = VideoCaptionConfig
     required_fields = ("video", "texts")
+    uses = (*CaptionTask.uses, "temporal_pos_embed")  # the frames' learned embedding, when the model has one
 
     def evaluate(self, module: nn.Module, samples: EvalSamples, data: DataConfig, batch_size: int,
                  device: torch.device) -> EvalResult:

@@ -45,6 +45,7 @@ class VideoQATask(VQATask):
     sample_task = "video_qa"
     config_type = VideoQAConfig
     required_fields = ("video", "texts", "answers")
+    uses = (*VQATask.uses, "temporal_pos_embed")  # the frames' learned embedding, when the model has one
     normalize = staticmethod(clean_answer)
 
     def format_metric(self, metrics: Mapping[str, float], baseline: Mapping[str, float]) -> str:

@@ -40,6 +40,7 @@ class VideoRetrievalTask(RetrievalTask):
     metric = "t2v_r1"
     config_type = VideoRetrievalConfig
     required_fields = ("video", "texts")
+    uses = (*RetrievalTask.uses, "temporal_pos_embed")  # the frames' learned embedding, when the model has one
     shown = "video"
 
     def evaluate(self, module: nn.Module, samples: EvalSamples, data: DataConfig, batch_size: int,

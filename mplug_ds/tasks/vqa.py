@@ -26,12 +26,12 @@ from mplug_ds.data.collate import Preparer, collate_questions, stack_visual, tok
 from mplug_ds.data.data_config import DataConfig
 from mplug_ds.data.sample import Sample
 from mplug_ds.data.tokenizer import CLS_ID, SEP_ID, get_tokenizer
-from mplug_ds.eval.distributed import gather_to_rank0, lockstep_batches, merge_predictions
+from mplug_ds.eval.distributed import gather_to_rank0, merge_predictions
 from mplug_ds.eval.pictures import Panel
 from mplug_ds.eval.vqa import normalize_answer, question_accuracy, vqa_accuracy
 from mplug_ds.models.generation import BeamConfig, beam_search, rank_answers
 from mplug_ds.models.mplug import MPLUG
-from mplug_ds.tasks.base import EvalResult, EvalSamples, FinetuneTask
+from mplug_ds.tasks.base import FUSED, EvalResult, EvalSamples, SampleTask, predict_in_lockstep
 from mplug_ds.tasks.train_stats import on_rank0, training_annotations
 from mplug_ds.tasks.visual import picture, visual_input
 
@@ -65,7 +65,7 @@ class VQAModel(nn.Module):
     def visual(self, batch: Batch) -> torch.Tensor:
         """The image or clip tokens of each question ``(Q, M, H)`` (a video batch's ``question_video`` says which
         clip each question is about)."""
-        tokens = self.model.encode_visual(visual_input(batch)).memory
+        tokens = self.model.visual_memory(visual_input(batch))
         return tokens[batch["question_video"]] if "question_video" in batch else tokens
 
     def memory(self, visual: torch.Tensor, question_ids: torch.Tensor,
@@ -113,7 +113,7 @@ class AnswerPrior:
     questions: int  # training questions read
 
 
-class VQATask(FinetuneTask):
+class VQATask(SampleTask):
     """VQA v2: the official accuracy (percent) overall and per answer type; baseline: the most frequent training
     answer given to every question."""
 
@@ -124,12 +124,14 @@ class VQATask(FinetuneTask):
     config_type = VQAConfig
     required_fields = ("texts",)
     results_name = "vqa_results"
+    uses = (*FUSED, "decoder.")
     normalize = staticmethod(normalize_answer)  # how training answers are counted (the baseline, the candidates)
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(options)
         self._prior: AnswerPrior | None = None
         self._baseline_answer: str | None = None
+        self._ranked: tuple[list[str], torch.Tensor, torch.Tensor] | None = None  # mode=rank: candidates, tokenised
         cfg = self.cfg
         if cfg.mode not in ("generate", "rank"):
             raise ConfigError(f"task.options.mode={cfg.mode!r}: choose generate or rank")
@@ -167,21 +169,41 @@ class VQATask(FinetuneTask):
             raise ValueError("mode=rank found no training answers to rank: set task.options.answer_list")
         return answers
 
+    def eval_items(self, samples: EvalSamples, data: DataConfig) -> list[dict[str, Any]]:
+        """The question fields; the picture is prepared per batch in ``predict``."""
+        prepare = Preparer(dataclasses.replace(data, task="vqa", train=False))
+        return [prepare.question(sample) | {"index": index, "sample": sample,
+                                            "human_answers": list(sample.extra.get("all_answers") or []),
+                                            "answer_type": sample.extra.get("answer_type")}
+                for index, sample in samples]
+
+    def _rank_inputs(self, data: DataConfig) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """mode=rank: the candidate answers and their ``answer [SEP]`` ids and mask (read once)."""
+        if self._ranked is None:
+            candidates = self.candidate_answers(data)
+            ids, mask = tokenize([f"{a} [SEP]" for a in candidates], data.answer_max_len)
+            self._ranked = candidates, ids, mask
+        return self._ranked
+
+    @torch.no_grad()
+    def predict(self, module: nn.Module, items: list[dict[str, Any]], data: DataConfig,
+                device: torch.device) -> list[dict[str, Any]]:
+        """``answer``: beam search over the fused image-question memory, or (mode=rank) the best candidate."""
+        prepare = Preparer(dataclasses.replace(data, task="vqa", train=False))
+        visual = stack_visual([prepare.visual(it["sample"], random.Random(it["index"])) for it in items])
+        answers = self.answerer(module, data, device)(module.visual({k: v.to(device) for k, v in visual.items()}),
+                                                      items)
+        return [{"answer": answer} for answer in answers]
+
     @torch.no_grad()
     def evaluate(self, module: nn.Module, samples: EvalSamples, data: DataConfig, batch_size: int,
                  device: torch.device) -> EvalResult:
-        prepare = Preparer(dataclasses.replace(data, task="vqa", train=False))
-        answer = self.answerer(module, data, device)
+        items = self.eval_items(samples, data)
+        if self.cfg.mode == "rank":  # the candidates are read (on rank 0, shared) before the first batch
+            self._rank_inputs(data)
         prior = self.answer_prior(data)
-        predictions = []
-        for chunk, real in lockstep_batches(samples, batch_size, samples[0] if samples else None, device):
-            items = [prepare(sample, random.Random(index)) | {"index": index} for index, sample in chunk]
-            answers = answer(module.visual({k: v.to(device) for k, v in stack_visual(items).items()}), items)
-            if real:
-                predictions += [{"index": it["index"], "question_id": it["question_id"], "question": it["question"],
-                                 "answer": answer, "human_answers": list(sample.extra.get("all_answers") or []),
-                                 "answer_type": sample.extra.get("answer_type")}
-                                for it, (_, sample), answer in zip(items, chunk, answers)]
+        predictions = predict_in_lockstep(self, module, items, data, batch_size, device,
+                                          keep=("index", "question_id", "question", "human_answers", "answer_type"))
         return self.scored(gather_to_rank0(predictions), prior)
 
     def scored(self, gathered: list[list[dict[str, Any]]] | None, prior: AnswerPrior,
@@ -211,9 +233,8 @@ class VQATask(FinetuneTask):
         cfg = self.cfg
         beam = BeamConfig(cfg.num_beams, cfg.min_length, cfg.max_length, cfg.length_penalty)
         if cfg.mode == "rank":
-            candidates = self.candidate_answers(data)
-            answer_ids, answer_mask = (t.to(device) for t in tokenize([f"{a} [SEP]" for a in candidates],
-                                                                       data.answer_max_len))
+            candidates, answer_ids, answer_mask = self._rank_inputs(data)
+            answer_ids, answer_mask = answer_ids.to(device), answer_mask.to(device)
 
         def answer(visual: torch.Tensor, questions: list[dict[str, Any]]) -> list[str]:
             text = collate_questions(questions, data.max_len, data.answer_max_len)
@@ -225,9 +246,12 @@ class VQATask(FinetuneTask):
         return answer
 
     def panel(self, sample: Sample, prediction: dict[str, Any]) -> Panel:
-        score = question_accuracy(prediction["answer"], prediction["human_answers"])
-        humans = Counter(prediction["human_answers"]).most_common(3)
-        return Panel(images=picture(sample), correct=score > 0 if prediction["human_answers"] else None,
+        human_answers = prediction.get("human_answers") or []  # none for a question of one's own
+        if not human_answers:
+            return Panel(images=picture(sample), lines=[prediction["question"], f"answer: {prediction['answer']}"])
+        score = question_accuracy(prediction["answer"], human_answers)
+        humans = Counter(human_answers).most_common(3)
+        return Panel(images=picture(sample), correct=score > 0,
                      lines=[prediction["question"], f"answer: {prediction['answer']} (accuracy {score:.2f})",
                             "annotators: " + ", ".join(f"{a} ×{n}" for a, n in humans)])
 

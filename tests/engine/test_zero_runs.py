@@ -125,10 +125,10 @@ def test_export_loads_into_a_plain_model(which, request, tmp_path):
     assert torch.equal(model.temp, online["temp"])
 
 
-def test_zero1_on_demo_shards(tmp_path):
+def test_zero1_on_demo_shards(tmp_path, demo_cache):
     """ZeRO-1 on 2 ranks over real demo shards (prepared once by local rank 0), then exported."""
     run(deepspeed_command(tmp_path / "run", [
-        "--config", "demo", "deepspeed.config=zero1", f"data.cache_dir={tmp_path / 'cache'}",
+        "--config", "demo", "deepspeed.config=zero1", f"data.cache_dir={demo_cache}",
         "batch.micro_batch_per_gpu=4", "schedule.total_steps=2", "schedule.warmup_steps=1", "eval.max_samples=8", "logging.progress_bar=false"]))
     out = tmp_path / "run"
     steps = step_losses(out)
