@@ -2,7 +2,7 @@
 
 Two launches serve all tasks (tests/tasks/run_jobs.py runs many command lines per process): first 2 ranks evaluate
 grounding, retrieval, VQA, captioning and the three video tasks from a random export and train NLVR2 and SNLI-VE
-one step (evaluating after it); then 1 rank evaluates the same seven from the export, the two classifiers from their
+one step (evaluating before and after it); then 1 rank evaluates the same seven from the export, the two classifiers from their
 2-rank training checkpoints and from exports of those checkpoints. Each task's test compares the 1-rank and 2-rank
 results. The video tasks evaluate in batches of 3 clips: the rank with 3 runs a filler batch beside the other's
 second.
@@ -65,7 +65,8 @@ def runs(tmp_path_factory):
 
     two = [job(t, root / "2" / t, "--evaluate", "--pretrained", str(export)) for t in EVALUATED]
     two += [job(t, root / "trained" / t, "--pretrained", str(export), "schedule.total_steps=1",
-                "schedule.warmup_steps=1", "batch.micro_batch_per_gpu=2", "optim.lr=1e-2") for t in CLASSIFIERS]
+                "schedule.warmup_steps=1", "batch.micro_batch_per_gpu=2", "optim.lr=1e-2", "eval.at_start=true")
+            for t in CLASSIFIERS]
     logs = {2: _run_jobs(root / "two.json", two, 2)}
     for task in CLASSIFIERS:
         assert export_main([str(root / "trained" / task), "--out", str(root / "export_trained" / task)]) == 0
@@ -156,9 +157,13 @@ def test_video_task_on_two_ranks_equals_one_rank(runs, task):
 
 @pytest.mark.parametrize("task", CLASSIFIERS)
 def test_classifier_trained_on_two_ranks_evaluates_alike_on_one_and_from_its_export(runs, task):
-    """One training step on 2 ranks, evaluated there; again from its checkpoint and from its export on 1 rank."""
+    """One training step on 2 ranks, evaluated before it (eval.at_start, inside the watched loop) and after it;
+    again from its checkpoint and from its export on 1 rank."""
     assert_predictions_picture(runs["logs"][1][task], runs["root"] / "1" / task / "eval" / "evaluate.png")
     two = json.loads((runs["root"] / "trained" / task / "eval" / "step_00000001.json").read_text())
+    before = json.loads((runs["root"] / "trained" / task / "eval" / "step_00000000.json").read_text())
+    assert before["metrics"]["num_samples"] == 7 and before["baseline"] == two["baseline"]
+    assert "before fine-tuning" in runs["logs"][2][task]
     one = _result(runs, 1, task)
     assert one["metrics"] == two["metrics"] and one["metrics"]["num_samples"] == 7
     assert {"acc/dev", "acc/test"} <= set(one["metrics"])
