@@ -1,4 +1,8 @@
-"""Per-sample preparation (augment, pick and split text) and batch collation (tokenize, stack) for every task."""
+"""Per-sample preparation (augment, pick and split text) and batch collation (tokenize, stack) for every task.
+
+A sample's picture is an image or a video clip (``Preparer.visual``): the same preparation then gives an item with
+``image`` (3, R, R) float or ``video`` (T, 3, R, R) uint8, and the batch carries ``image`` or ``video`` accordingly.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -10,7 +14,8 @@ import torch.utils.data
 from PIL import Image
 
 from mplug_ds.data.batch import CaptionBatch
-from mplug_ds.data.data_config import DataConfig
+from mplug_ds.data.data_config import DataConfig, image_limits
+from mplug_ds.data.frames import frame_indices
 from mplug_ds.data.sample import Sample
 from mplug_ds.data.tokenizer import get_tokenizer
 from mplug_ds.data.transforms import (
@@ -22,7 +27,9 @@ from mplug_ds.data.transforms import (
     pre_question,
     region_transform,
     swap_left_right,
+    transform_clip,
 )
+from mplug_ds.data.video import PyAVDecoder
 
 
 def image_index(image_id: str) -> int:
@@ -55,19 +62,31 @@ class Preparer:
     def __init__(self, cfg: DataConfig) -> None:
         self.cfg = cfg
         self.transform = image_transform(cfg.image_res, cfg.train, cfg.scale_min, cfg.augment)
+        self.decoder = PyAVDecoder()
+        self.limits = image_limits(cfg)
 
     def __call__(self, sample: Sample, rng: random.Random) -> dict[str, Any]:
         return getattr(self, f"_{self.cfg.task}")(sample, rng)
 
-    def image(self, sample: Sample, rng: random.Random) -> torch.Tensor:
-        """The sample's image through this preparation's image transform alone (what captioning evaluates)."""
-        return self.transform(_image(sample), rng)
+    def visual(self, sample: Sample, rng: random.Random) -> dict[str, torch.Tensor]:
+        """The sample's picture as the model reads it: ``{"image": (3, R, R) float}`` for an image sample,
+        ``{"video": (T, 3, R, R) uint8}`` for a video (``num_frames`` frames chosen by the frame sampling, decoded
+        from the shard's bytes, one transform for the whole clip)."""
+        if sample.video is None:
+            return {"image": self.transform(_image(sample), rng)}
+        if not isinstance(sample.video, bytes):
+            raise ValueError("video sample without its encoded bytes (read it from shards)")
+        cfg = self.cfg
+        strategy = cfg.train_frame_sampling if cfg.train else cfg.frame_sampling
+        frames = self.decoder.read(sample.video, lambda length: frame_indices(length, cfg.num_frames, strategy, rng),
+                                   self.limits.check)
+        return {"video": transform_clip(frames, self.transform, rng)}
 
     def _caption(self, sample: Sample, rng: random.Random) -> dict[str, Any]:
         words = _caption_words(sample, self.cfg, rng)
         prefix, target = split_prefix(words, rng)
-        return {"key": sample.key, "image": self.transform(_image(sample), rng), "text": " ".join(words),
-                "prefix": prefix, "target": target}
+        return {"key": sample.key, **self.visual(sample, rng), "text": " ".join(words), "prefix": prefix,
+                "target": target}
 
     def _region(self, sample: Sample, rng: random.Random) -> dict[str, Any]:
         img, cfg = _image(sample), self.cfg
@@ -88,15 +107,34 @@ class Preparer:
         return {"key": sample.key, "image": tensor, "texts": texts, "patch_labels": labels}
 
     def _vqa(self, sample: Sample, rng: random.Random) -> dict[str, Any]:
+        return {"key": sample.key, **self.visual(sample, rng), **self.question(sample)}
+
+    def question(self, sample: Sample) -> dict[str, Any]:
+        """A VQA sample's text fields: its question, answers with weights and question id."""
         if not sample.texts:
             raise ValueError("no question in texts")
         if self.cfg.train and not sample.answers:
             raise ValueError("training VQA sample without answers")
         weights = sample.answer_weights or [1.0 / max(1, len(sample.answers))] * len(sample.answers)
-        return {"key": sample.key, "image": self.transform(_image(sample), rng),
-                "question": pre_question(sample.texts[0], self.cfg.max_words),
-                "answers": list(sample.answers), "weights": list(weights),
-                "question_id": sample.extra.get("question_id", sample.key)}
+        return {"question": pre_question(sample.texts[0], self.cfg.max_words), "answers": list(sample.answers),
+                "weights": list(weights), "question_id": sample.extra.get("question_id", sample.key)}
+
+    def _video_qa(self, sample: Sample, rng: random.Random) -> dict[str, Any]:
+        """The video with its questions (training: ``questions_per_video`` of them, drawn at random; evaluation:
+        all), each with its answer, id and type."""
+        texts, answers = sample.texts, sample.answers
+        if not texts or len(answers) != len(texts):
+            raise ValueError(f"video QA sample needs one answer per question ({len(texts)} questions, "
+                             f"{len(answers)} answers)")
+        order = list(range(len(texts)))
+        if self.cfg.train:
+            order = rng.sample(order, min(len(order), self.cfg.questions_per_video))
+        ids = sample.extra.get("question_ids") or [f"{sample.key}#{i}" for i in range(len(texts))]
+        kinds = sample.extra.get("answer_types") or [None] * len(texts)
+        weights = sample.answer_weights or [1.0] * len(texts)
+        questions = [{"question": pre_question(texts[i], self.cfg.max_words), "answers": [answers[i]],
+                      "weights": [weights[i]], "question_id": ids[i], "answer_type": kinds[i]} for i in order]
+        return {"key": sample.key, **self.visual(sample, rng), "questions": questions}
 
     def _grounding(self, sample: Sample, rng: random.Random) -> dict[str, Any]:
         # Evaluation prepares samples without a box too (an expression to ground): box and gt_box are then None.
@@ -114,8 +152,8 @@ class Preparer:
         if not texts:
             raise ValueError("no non-empty caption in texts")
         group = sample.image_id or sample.key
-        return {"key": sample.key, "image": self.transform(_image(sample), rng), "text": rng.choice(texts),
-                "texts": texts, "image_idx": image_index(group)}
+        return {"key": sample.key, **self.visual(sample, rng), "text": rng.choice(texts), "texts": texts,
+                "image_idx": image_index(group)}
 
     def _nlvr2(self, sample: Sample, rng: random.Random) -> dict[str, Any]:
         # Evaluation prepares unlabelled samples too (a statement to classify): their label is None.
@@ -149,10 +187,19 @@ def tokenize(texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor
     return enc["input_ids"], enc["attention_mask"]
 
 
+def stack_visual(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """``{"image": (B, 3, R, R)}`` or ``{"video": (B, T, 3, R, R) uint8}`` of prepared items of one kind."""
+    kinds = {"video" if "video" in it else "image" for it in items}
+    if len(kinds) > 1:
+        raise ValueError("a batch mixes image and video samples: give them separate tasks or runs")
+    kind = kinds.pop()
+    return {kind: torch.stack([it[kind] for it in items])}
+
+
 def collate_caption(items: list[dict[str, Any]], max_len: int = 30) -> CaptionBatch:
     """Pre-training batch from prepared items (``key``, ``image``, ``text``, ``prefix``, ``target`` strings)."""
     ids = {name: tokenize([it[name] for it in items], max_len) for name in ("text", "prefix", "target")}
-    return CaptionBatch(keys=[it["key"] for it in items], image=torch.stack([it["image"] for it in items]),
+    return CaptionBatch(keys=[it["key"] for it in items], **stack_visual(items),
                         text_ids=ids["text"][0], text_mask=ids["text"][1], prefix_ids=ids["prefix"][0],
                         prefix_mask=ids["prefix"][1], target_ids=ids["target"][0], target_mask=ids["target"][1])
 
@@ -171,15 +218,29 @@ def collate_region(items: list[dict[str, Any]], max_len: int = 30) -> dict[str, 
 def collate_vqa(items: list[dict[str, Any]], max_len: int = 30, answer_max_len: int = 10) -> dict[str, Any]:
     """VQA batch: question ids/mask (B,L); answers flattened as ``answer [SEP]`` ids/mask (A,La) with
     answer_weights (A,) and answer_counts (B,) (answers per question); raw answers and question ids kept."""
-    batch: dict[str, Any] = {"keys": [it["key"] for it in items], "image": torch.stack([it["image"] for it in items]),
-                             "question_id": [it["question_id"] for it in items],
-                             "answers": [it["answers"] for it in items]}
-    batch["question_ids"], batch["question_mask"] = tokenize([it["question"] for it in items], max_len)
-    answers = [a for it in items for a in it["answers"]]
+    return {"keys": [it["key"] for it in items], **stack_visual(items),
+            **collate_questions(items, max_len, answer_max_len)}
+
+
+def collate_video_qa(items: list[dict[str, Any]], max_len: int = 30, answer_max_len: int = 10) -> dict[str, Any]:
+    """Video QA batch: video (B,T,3,R,R) uint8 and the questions of all videos as in ``collate_vqa`` (Q rows) with
+    question_video (Q,): the video each question is about."""
+    questions = [q for it in items for q in it["questions"]]
+    return {"keys": [it["key"] for it in items], **stack_visual(items),
+            "question_video": torch.tensor([v for v, it in enumerate(items) for _ in it["questions"]]),
+            **collate_questions(questions, max_len, answer_max_len)}
+
+
+def collate_questions(questions: list[dict[str, Any]], max_len: int, answer_max_len: int) -> dict[str, Any]:
+    """The question and answer fields of a VQA batch (see ``collate_vqa``)."""
+    batch: dict[str, Any] = {"question_id": [q["question_id"] for q in questions],
+                             "answers": [q["answers"] for q in questions]}
+    batch["question_ids"], batch["question_mask"] = tokenize([q["question"] for q in questions], max_len)
+    answers = [a for q in questions for a in q["answers"]]
     if answers:
         batch["answer_ids"], batch["answer_mask"] = tokenize([f"{a} [SEP]" for a in answers], answer_max_len)
-        batch["answer_weights"] = torch.tensor([w for it in items for w in it["weights"]], dtype=torch.float32)
-        batch["answer_counts"] = torch.tensor([len(it["answers"]) for it in items])
+        batch["answer_weights"] = torch.tensor([w for q in questions for w in q["weights"]], dtype=torch.float32)
+        batch["answer_counts"] = torch.tensor([len(q["answers"]) for q in questions])
     return batch
 
 
@@ -201,8 +262,8 @@ def collate_grounding(items: list[dict[str, Any]], max_len: int = 30) -> dict[st
 def collate_retrieval(items: list[dict[str, Any]], max_len: int = 30) -> dict[str, Any]:
     """Retrieval training batch: image, one caption's ids/mask, image_idx (B,) (equal for texts of one image)."""
     ids, mask = tokenize([it["text"] for it in items], max_len)
-    return {"keys": [it["key"] for it in items], "image": torch.stack([it["image"] for it in items]),
-            "text_ids": ids, "text_mask": mask, "image_idx": torch.tensor([it["image_idx"] for it in items])}
+    return {"keys": [it["key"] for it in items], **stack_visual(items), "text_ids": ids, "text_mask": mask,
+            "image_idx": torch.tensor([it["image_idx"] for it in items])}
 
 
 def collate_nlvr2(items: list[dict[str, Any]], max_len: int = 30) -> dict[str, Any]:
@@ -231,8 +292,8 @@ def _with_labels(items: list[dict[str, Any]], batch: dict[str, Any]) -> dict[str
 
 def collate(items: list[dict[str, Any]], cfg: DataConfig) -> dict[str, Any]:
     """The collate function of ``cfg.task``."""
-    if cfg.task == "vqa":
-        return collate_vqa(items, cfg.max_len, cfg.answer_max_len)
+    if cfg.task in ("vqa", "video_qa"):
+        return (collate_vqa if cfg.task == "vqa" else collate_video_qa)(items, cfg.max_len, cfg.answer_max_len)
     collate_fn = {"caption": collate_caption, "region": collate_region, "grounding": collate_grounding,
                   "retrieval": collate_retrieval, "nlvr2": collate_nlvr2, "ve": collate_ve}[cfg.task]
     return collate_fn(items, cfg.max_len)

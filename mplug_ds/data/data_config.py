@@ -5,6 +5,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mplug_ds.data.frames import FrameSampling
 from mplug_ds.data.reading import ImageLimits, expand_urls
 from mplug_ds.data.sample import Task
 
@@ -39,6 +40,10 @@ class StreamConfig:
     max_regions: int = 5  # region texts kept per image (region task)
     min_region_inside: float = 0.5  # a region is kept when this share of its box survives the crop
     careful_flip: bool = False  # swap 'left'/'right' in region texts when the crop is flipped
+    num_frames: int = 8  # video samples: frames per clip
+    frame_sampling: FrameSampling = "linspace"  # how evaluation picks a clip's frames (data/frames.py)
+    train_frame_sampling: FrameSampling = "segment_random"  # how training picks them
+    questions_per_video: int = 4  # video QA training: questions drawn per video each time it is read
     shard_shuffle: bool = True  # shuffle the shard order each epoch
     shuffle_buffer: int = 1000  # samples held in the per-worker shuffle buffer
     shuffle_initial: int = 100  # samples buffered before the first one is yielded
@@ -58,7 +63,7 @@ class DataConfig(StreamConfig):
     ``data.max_text_len``); a fine-tuning task sets them from its own config.
     """
 
-    task: Task = "caption"  # which preparation and collate: caption, region, vqa, grounding, nlvr2, ve
+    task: Task = "caption"  # which preparation and collate: caption, region, vqa, grounding, nlvr2, ve, video_qa
     train: bool = True  # training transforms (random crops, flips) and training-only checks
     batch_size: int = 64  # samples per batch on each rank
     image_res: int = 256  # image side after the transform

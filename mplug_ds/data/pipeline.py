@@ -369,6 +369,9 @@ def check_config(cfg: DataConfig, where: str = "data") -> None:
     if cfg.max_image_pixels < 1 or cfg.max_image_aspect < 1:
         raise ValueError(f"{where}.max_image_pixels must be >= 1 and {where}.max_image_aspect >= 1, got "
                          f"{cfg.max_image_pixels} and {cfg.max_image_aspect}")
+    if cfg.num_frames < 1 or cfg.questions_per_video < 1:
+        raise ValueError(f"{where}.num_frames and {where}.questions_per_video must be >= 1, got {cfg.num_frames} "
+                         f"and {cfg.questions_per_video}")
     if cfg.image_res % cfg.patch_size:
         raise ValueError(f"{where}.image_res ({cfg.image_res}) must be a multiple of {where}.patch_size "
                          f"({cfg.patch_size})")

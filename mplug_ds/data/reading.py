@@ -1,8 +1,9 @@
 """Reading shards: brace/glob-expanded URLs → decoded ``Sample``s, damaged input skipped, counted and named.
 
-Shards follow the layout in ``mplug_ds.data.sample`` (``<key>.jpg`` or ``<key>.left.jpg``/``<key>.right.jpg``
-plus ``<key>.json``). Damaged input never stops a run: an undecodable image, a bad ``.json`` or a truncated
-tar is skipped, logged, counted and named in a ``DataErrors`` object.
+Shards follow the layout in ``mplug_ds.data.sample`` (``<key>.jpg`` or ``<key>.left.jpg``/``<key>.right.jpg``, or a
+video ``<key>.mp4`` …, plus ``<key>.json``). Images are decoded here; a video stays encoded bytes until its sample is
+prepared (its frames depend on the frame sampling). Damaged input never stops a run: an undecodable image, a bad
+``.json`` or a truncated tar is skipped, logged, counted and named in a ``DataErrors`` object.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Any, Iterable, Iterator
 import webdataset as wds
 from PIL import Image
 
-from mplug_ds.data.sample import Sample
+from mplug_ds.data.sample import VIDEO_EXTS, Sample
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +191,8 @@ class ImageLimits:
 
 
 def decode_sample(raw: dict[str, Any], limits: ImageLimits = ImageLimits()) -> Sample:
-    """Turn an undecoded shard sample into a ``Sample`` with RGB PIL images; raises ``ValueError`` if corrupt
-    or an image exceeds ``limits``."""
+    """Turn an undecoded shard sample into a ``Sample`` with RGB PIL images (a video's bytes as they are); raises
+    ``ValueError`` if corrupt or an image exceeds ``limits``."""
     if "json" not in raw:
         raise ValueError(f"no .json member (members: {sorted(k for k in raw if not k.startswith('__'))})")
     try:
@@ -203,6 +204,8 @@ def decode_sample(raw: dict[str, Any], limits: ImageLimits = ImageLimits()) -> S
     images: dict[str, Any] = {}
     if all(ext in raw for ext in PAIR_EXTS):
         images["images"] = [_decode_image(raw[ext], ext, limits) for ext in PAIR_EXTS]
+    elif (video := next((e for e in VIDEO_EXTS if e in raw), None)) is not None:
+        images["video"] = raw[video]
     else:
         ext = next((e for e in IMAGE_EXTS if e in raw), None)
         if ext is not None:

@@ -13,10 +13,13 @@ path, size and modification time) matches its progress record is kept as is inst
 name and renamed into place, so a crash never leaves a half-written shard under a final name.
 
 Per sample, before writing: texts are stripped and empty ones dropped (a caption sample keeps its other
-captions; a region pair loses its box too); each image is read and fully decoded (missing, unreadable or corrupt →
-skipped); boxes are clipped to the image and a box with no area left is dropped (region) or rejects the sample
-(grounding); images are stored as their original JPEG bytes unless ``resize`` shrinks them or they are not JPEG,
-in which case they are re-encoded (and boxes scaled to match).
+captions; a region pair loses its box too, a video question its answer); each image is read and fully decoded
+(missing, unreadable or corrupt → skipped); boxes are clipped to the image and a box with no area left is dropped
+(region) or rejects the sample (grounding); images are stored as their original JPEG bytes unless ``resize`` shrinks
+them or they are not JPEG, in which case they are re-encoded (and boxes scaled to match). A video is read and every
+frame decoded (missing, unreadable, truncated, without frames or of a codec FFmpeg cannot decode → skipped); it is
+stored as the file's bytes under the file's container extension, or re-encoded to H.264 MP4 when ``resize`` shrinks
+it, when its suffix is no known container (``sample.VIDEO_EXTS``) or when it came as bytes without a file name.
 """
 from __future__ import annotations
 
@@ -38,7 +41,8 @@ from PIL import Image
 
 import mplug_ds
 from mplug_ds.data.formats.common import Skip
-from mplug_ds.data.sample import Sample
+from mplug_ds.data.sample import VIDEO_EXTS, Sample
+from mplug_ds.data.video import PyAVDecoder, VideoInfo, reencode
 from mplug_ds.runtime.atomic import atomic_path, atomic_write_text
 
 _WRITER_VERSION = 1  # part of every shard fingerprint: bump when the stored bytes of a sample change
@@ -52,7 +56,7 @@ class ShardOptions:
     prefix: str
     format_name: str
     shard_size: int = 1000
-    resize: int | None = None  # longest image side after resizing (images are only ever shrunk)
+    resize: int | None = None  # longest image (or video frame) side after resizing (only ever shrunk)
     workers: int = 0  # image-loading processes; 0 = load in this process
     jpeg_quality: int = 90
     inputs: list[str] = field(default_factory=list)  # annotation files, recorded in the manifest
@@ -69,12 +73,17 @@ class _Prepared:
 # Per-sample checks and image preparation (runs in worker processes)
 # --------------------------------------------------------------------------------------------------
 def prepare_sample(sample: Sample, resize: int | None = None, jpeg_quality: int = 90) -> _Prepared:
-    """Check texts, load and check images, clip boxes; return the sample with image bytes, or why not."""
+    """Check texts, load and check images (or the video), clip boxes; return the sample with its image (video)
+    bytes, or why not."""
     skips: list[Skip] = []
-    refs = sample.images if sample.images else [sample.image]
+    refs = _refs(sample)
     source = _source(refs)
     try:
         _check_texts(sample, source, skips)
+        if sample.video is not None:
+            sample.video, info = _load_video(sample.video, resize)
+            sample.extra["video"] = info
+            return _Prepared(sample, skips)
         encoded = [_load_image(ref) for ref in refs]
     except _Rejected as reason:
         return _Prepared(None, [*skips, Skip(source, sample.key, str(reason))])
@@ -102,6 +111,11 @@ class _Rejected(Exception):
     """The whole sample is rejected; the message is the reason."""
 
 
+def _refs(sample: Sample) -> list[Any]:
+    """The sample's payload references: its video, its image pair or its image."""
+    return [sample.video] if sample.video is not None else sample.images or [sample.image]
+
+
 def _source(refs: list[Any]) -> str:
     paths = [r for r in refs if isinstance(r, str)]
     return ", ".join(paths) if paths else "(image bytes from the annotation input)"
@@ -109,7 +123,7 @@ def _source(refs: list[Any]) -> str:
 
 def _check_texts(sample: Sample, source: str, skips: list[Skip]) -> None:
     texts = [t.strip() if isinstance(t, str) else "" for t in sample.texts]
-    if sample.task == "caption":
+    if sample.task in ("caption", "video_caption"):
         kept = [t for t in texts if t]
         if len(kept) < len(texts) and kept:
             skips.append(Skip(source, sample.key, f"{len(texts) - len(kept)} empty caption(s) dropped"))
@@ -125,10 +139,60 @@ def _check_texts(sample: Sample, source: str, skips: list[Skip]) -> None:
         if not pairs:
             raise _Rejected("no region with a non-empty text")
         sample.texts, sample.boxes = [t for t, _ in pairs], [b for _, b in pairs]
+    elif sample.task == "video_qa":
+        _check_questions(sample, texts, source, skips)
     else:
         if not texts or not all(texts):
             raise _Rejected(f"empty text for a {sample.task} sample")
         sample.texts = texts
+
+
+def _check_questions(sample: Sample, texts: list[str], source: str, skips: list[Skip]) -> None:
+    """A video's questions keep their answer, id and type; a question or answer left empty drops that question."""
+    answers = [a.strip() if isinstance(a, str) else "" for a in sample.answers]
+    if len(answers) != len(texts):
+        raise _Rejected(f"malformed row: {len(texts)} questions but {len(answers)} answers")
+    keep = [i for i, (q, a) in enumerate(zip(texts, answers)) if q and a]
+    if len(keep) < len(texts):
+        skips.append(Skip(source, sample.key, f"{len(texts) - len(keep)} question(s) with an empty question or "
+                                              "answer dropped"))
+    if not keep:
+        raise _Rejected("no question with a non-empty answer")
+    sample.texts, sample.answers = [texts[i] for i in keep], [answers[i] for i in keep]
+    sample.answer_weights = [sample.answer_weights[i] for i in keep] if sample.answer_weights else [1.0] * len(keep)
+    for name in ("question_ids", "answer_types"):
+        if name in sample.extra:
+            sample.extra[name] = [sample.extra[name][i] for i in keep]
+
+
+def _load_video(ref: Any, resize: int | None) -> tuple[bytes, dict[str, Any]]:
+    """(the bytes to store, ``extra["video"]``: container extension and what decoding found) or ``_Rejected``."""
+    name = ref if isinstance(ref, str) else "video bytes"
+    if isinstance(ref, str):
+        try:
+            data = Path(ref).read_bytes()
+        except FileNotFoundError:
+            raise _Rejected(f"missing video file {ref}") from None
+        except OSError as err:
+            raise _Rejected(f"unreadable video file {ref}: {err}") from None
+        ext = Path(ref).suffix.lower().lstrip(".")
+    elif isinstance(ref, bytes):
+        data, ext = ref, ""
+    else:
+        raise _Rejected("sample has no video")
+    try:
+        info = PyAVDecoder().probe(data)
+        if (resize and max(info.width, info.height) > resize) or ext not in VIDEO_EXTS:
+            data, info = reencode(data, resize or max(info.width, info.height))
+            ext = "mp4"
+    except ValueError as err:
+        raise _Rejected(f"corrupt video {name}: {err}") from None
+    return data, {"format": ext, **_info(info)}
+
+
+def _info(info: VideoInfo) -> dict[str, Any]:
+    return {"frames": info.frames, "width": info.width, "height": info.height, "fps": round(info.fps, 3),
+            "codec": info.codec}
 
 
 def _load_image(ref: Any) -> tuple[bytes, tuple[int, int], bool, Image.Image]:
@@ -206,7 +270,9 @@ def _encode(image: Image.Image, size: tuple[int, int], is_jpeg: bool, data: byte
 def shard_members(sample: Sample) -> list[tuple[str, bytes]]:
     """The tar members of one prepared sample, in sorted extension order (as WebDataset's TarWriter writes)."""
     members = {"json": sample.meta_json()}
-    if sample.images:
+    if sample.video is not None:
+        members[sample.extra["video"]["format"]] = sample.video
+    elif sample.images:
         members["left.jpg"], members["right.jpg"] = sample.images
     else:
         members["jpg"] = sample.image
@@ -229,7 +295,7 @@ def _fingerprint(batch: list[Sample], options: ShardOptions) -> str:
     digest = hashlib.sha256(json.dumps([_WRITER_VERSION, options.resize, options.jpeg_quality]).encode())
     for sample in batch:
         digest.update(sample.meta_json())
-        for ref in sample.images or [sample.image]:
+        for ref in _refs(sample):
             digest.update(hashlib.sha1(ref).digest() if isinstance(ref, bytes) else _file_identity(ref).encode())
     return digest.hexdigest()
 
@@ -267,7 +333,7 @@ def _batches(items: Iterable[Sample | Skip], size: int, reader_skips: list[Skip]
             reader_skips.append(item)
             continue
         if item.key in seen:
-            reader_skips.append(Skip(_source(item.images or [item.image]), item.key, "duplicate key"))
+            reader_skips.append(Skip(_source(_refs(item)), item.key, "duplicate key"))
             continue
         seen.add(item.key)
         batch.append(item)

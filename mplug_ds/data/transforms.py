@@ -1,7 +1,9 @@
-"""Image, box-aware and region transforms, text normalisation, and box → patch labels.
+"""Image, clip, box-aware and region transforms, text normalisation, and box → patch labels.
 
 Every random transform takes an explicit ``random.Random`` so that a pipeline can derive all of its
-randomness from (seed, rank, worker, sample index) and replay it exactly after a restore.
+randomness from (seed, rank, worker, sample index) and replay it exactly after a restore. A video clip gets the
+image transform with the same draws for every frame (one crop, one flip, one RandAugment for the clip) and stays
+8-bit until it reaches the model's device (``normalize_clip``).
 Boxes are ``[x0, y0, x1, y1]`` absolute pixels, x1/y1 exclusive (see ``mplug_ds.data.sample``).
 """
 from __future__ import annotations
@@ -11,6 +13,7 @@ import random
 import re
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageEnhance, ImageOps
@@ -143,11 +146,15 @@ class TrainTransform:
         self.randaug = randaug if randaug is not None else RandAugment()
 
     def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
+        return to_normalized_tensor(self.pil(img, rng))
+
+    def pil(self, img: Image.Image, rng: random.Random) -> Image.Image:
+        """The transformed image before normalisation."""
         left, top, w, h = random_resized_crop_box(rng, img.width, img.height, self.scale)
         img = TF.resized_crop(img, top, left, h, w, [self.res, self.res], interpolation=BICUBIC)
         if self.flip and rng.random() < 0.5:
             img = TF.hflip(img)
-        return to_normalized_tensor(self.randaug(img, rng))
+        return self.randaug(img, rng)
 
 
 class TestTransform:
@@ -157,7 +164,11 @@ class TestTransform:
         self.res = res
 
     def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
-        return to_normalized_tensor(TF.resize(img, [self.res, self.res], interpolation=BICUBIC))
+        return to_normalized_tensor(self.pil(img, rng))
+
+    def pil(self, img: Image.Image, rng: random.Random | None = None) -> Image.Image:
+        """The resized image before normalisation."""
+        return TF.resize(img, [self.res, self.res], interpolation=BICUBIC)
 
 
 def image_transform(res: int, train: bool, scale_min: float = 0.2,
@@ -172,6 +183,26 @@ def image_transform(res: int, train: bool, scale_min: float = 0.2,
     if not augment:
         return TrainTransform(res, (scale_min, 1.0), RandAugment(n=0), flip=False)
     return TrainTransform(res, (scale_min, 1.0))
+
+
+def transform_clip(frames: Sequence[Image.Image], transform: TrainTransform | TestTransform,
+                   rng: random.Random) -> torch.Tensor:
+    """``(T, 3, R, R)`` uint8: ``transform`` applied to every frame with the same random draws (the clip is cropped,
+    flipped and augmented as one); ``rng`` ends where one image's transform leaves it."""
+    state = rng.getstate()
+    out = []
+    for frame in frames:
+        rng.setstate(state)
+        out.append(torch.from_numpy(np.array(transform.pil(frame.convert("RGB"), rng), dtype=np.uint8)))
+    return torch.stack(out).permute(0, 3, 1, 2).contiguous()
+
+
+def normalize_clip(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 frames ``(…, 3, H, W)`` → float32 CLIP-normalised on their device, exactly as ``to_normalized_tensor``
+    normalises an image."""
+    mean = torch.tensor(CLIP_MEAN, device=frames.device).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=frames.device).view(3, 1, 1)
+    return (frames.float().div(255) - mean) / std
 
 
 # --------------------------------------------------------------------------------------------------

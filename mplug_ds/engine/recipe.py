@@ -10,6 +10,7 @@ and TiMix are others. The ``Trainer`` calls, in this order::
     deepspeed.initialize(recipe.module)    the optimizer gets recipe.module's trainable parameters
     recipe.engine_ready(engine)
     recipe.train_stream()                  once; resumed with its state_dict
+    recipe.evaluate(engine)                before the first step of a run started afresh, when evaluate_at_start
     per optimizer step:  engine(batch, **recipe.step_args(step), **phase) -> losses; backward; step (once per
                          phase in recipe.phases(step), normally one);
                          recipe.after_optimizer_step() when the step was applied
@@ -51,6 +52,7 @@ class Recipe:
     loss_keys: tuple[str, ...] = ("loss",)
     eval_every_steps: int = 0  # also call ``evaluate`` every this many optimizer steps (0: only at the end)
     metric: str | None = None  # the ``evaluate`` metric (higher is better) that picks the best checkpoint
+    evaluate_at_start: bool = False  # also evaluate before the first step (logged at step 0; picks no checkpoint)
 
     def train_stream(self) -> TrainStream:
         """This rank's training stream (called once, after ``engine_ready``)."""

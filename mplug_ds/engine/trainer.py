@@ -159,6 +159,12 @@ class Trainer:
         data = self.resume_or_start()
         if self.divergence is not None:
             self.divergence.resume_at(self.state.step)
+        if self.recipe.evaluate_at_start and self.state.step == 0:  # e.g. a fine-tuning's zero-shot figure
+            watchdog.phase("evaluation", 0, long=True)  # the session's first forward passes warm up
+            with parameters_found_on_use(self.engine):
+                self.last_metrics = self.recipe.evaluate(self.engine)
+            if self.last_metrics:
+                self.logger.evaluation(0, False, self.last_metrics)
         stopped = False
         every_eval = self.recipe.eval_every_steps
         while self.state.step < cfg.schedule.total_steps and not stopped:
@@ -384,3 +390,19 @@ class Trainer:
                           output_dir=str(self.cfg.output_dir), skipped_samples=skipped,
                           warnings=[warning_line(name, entry, self.skipped.warn_fraction)
                                     for name, entry in skipped.items() if name in self.skipped.warned])
+
+
+@contextmanager
+def parameters_found_on_use(engine: deepspeed.DeepSpeedEngine) -> Iterator[None]:
+    """Under ZeRO-3, a parameter read outside its own module's forward (a ViT's class token read by
+    ``forward_features``, a model-level temperature) is gathered when it is read — as DeepSpeed does inside the
+    engine's forward, which also registers it with the module that read it for every later call. An evaluation
+    before the first training step runs outside any engine forward and needs this; no effect without ZeRO-3."""
+    flags = [m._parameters for m in engine.module.modules() if hasattr(m._parameters, "_in_forward")]
+    for flag in flags:
+        flag._in_forward = True
+    try:
+        yield
+    finally:
+        for flag in flags:
+            flag._in_forward = False

@@ -1,6 +1,8 @@
-"""Image–text retrieval metrics (TR / IR R@1/5/10 and their mean) from ranked candidate lists."""
+"""Image–text retrieval metrics (TR / IR R@1/5/10 and their mean, median and mean rank) from ranked candidate
+lists."""
 from __future__ import annotations
 
+import statistics
 from typing import Sequence
 
 RECALL_KS = (1, 5, 10)
@@ -32,6 +34,22 @@ def retrieval_recalls(image_ranking: Sequence[Sequence[int]], text_ranking: Sequ
     out["ir_mean"] = sum(out[f"ir_r{k}"] for k in RECALL_KS) / len(RECALL_KS)
     out["r_mean"] = (out["tr_mean"] + out["ir_mean"]) / 2
     return out
+
+
+def first_hit_ranks(rankings: Sequence[Sequence[int]], positives: Sequence[set[int]],
+                    fallback: Sequence[int]) -> list[int]:
+    """Per query, the 1-based rank of its first positive in ``rankings[q]`` (the re-ranked candidates), or
+    ``fallback[q]`` when none of them is a positive (its rank in the full ordering the candidates were cut from)."""
+    ranks = []
+    for q, ranked in enumerate(rankings):
+        hit = next((r for r, candidate in enumerate(ranked, start=1) if candidate in positives[q]), None)
+        ranks.append(hit if hit is not None else max(fallback[q], len(ranked) + 1))
+    return ranks
+
+
+def rank_summary(ranks: Sequence[int]) -> tuple[float, float]:
+    """Median rank (MdR) and mean rank (MnR) of the first positives; lower is better, 1 is perfect."""
+    return float(statistics.median(ranks)), float(statistics.fmean(ranks))
 
 
 def chance_recalls(text_to_image: Sequence[int], num_images: int) -> dict[str, float]:

@@ -6,12 +6,15 @@ the answer contains a digit-comma-digit, else replaced by a space; a period is r
 then lower-cased words with number words → digits, articles dropped and apostrophe-less contractions restored.
 Each human answer in turn is left out; the prediction scores min(#matching others / 3, 1); the question's accuracy
 is the mean over the ten. Reported in percent, overall and per answer type.
+
+Video QA (MSRVTT-QA, MSVD-QA) has one answer per question and is scored by exact match (``exact_match``), as
+mPLUG and ALPRO score it, through the same per-type report.
 """
 from __future__ import annotations
 
 import re
 from collections import defaultdict
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 PUNCTUATION = ";/[]\"{}()=+\\_-><@`,?!"
 _DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
@@ -84,16 +87,28 @@ def question_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
     return sum(min(1.0, (matches - (h == pred)) / 3) for h in humans) / len(humans)
 
 
-def vqa_accuracy(predictions: Sequence[dict[str, Any]]) -> dict[str, float]:
+def clean_answer(text: str) -> str:
+    """Lower case, single spaces, no outer spaces."""
+    return " ".join(text.lower().split())
+
+
+def exact_match(prediction: str, human_answers: Sequence[str]) -> float:
+    """1.0 when the prediction is one of the answers (compared by ``clean_answer``), else 0.0."""
+    return float(clean_answer(prediction) in {clean_answer(a) for a in human_answers})
+
+
+def vqa_accuracy(predictions: Sequence[dict[str, Any]],
+                 score: Callable[[str, Sequence[str]], float] = question_accuracy) -> dict[str, float]:
     """``acc`` (percent) over predictions carrying ``answer`` and ``human_answers``, ``acc/<answer type>`` per
-    ``answer_type`` (when given) and ``num_scored``. Predictions without human answers are not scored."""
+    ``answer_type`` (when given) and ``num_scored``; each question scored by ``score`` (the official VQA accuracy,
+    or ``exact_match``). Predictions without human answers are not scored."""
     scored = [p for p in predictions if p.get("human_answers")]
     if not scored:
         return {"num_scored": 0.0}
     by_type: dict[str, list[float]] = defaultdict(list)
     total = []
     for p in scored:
-        acc = question_accuracy(p["answer"], p["human_answers"])
+        acc = score(p["answer"], p["human_answers"])
         total.append(acc)
         if p.get("answer_type"):
             by_type[str(p["answer_type"])].append(acc)

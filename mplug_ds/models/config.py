@@ -41,6 +41,18 @@ class TextConfig:
 
 
 @dataclass
+class VideoConfig:
+    """How clips go through the image model: every frame through the ViT, then these choices."""
+
+    # concat: every frame's tokens (as published); mean: the frames' tokens averaged (one frame's worth); pool: each
+    # frame's class token + its patch grid average-pooled by pool_size
+    memory: Literal["concat", "mean", "pool"] = "concat"  # what fusion and the decoder read of a clip
+    pool_size: int = 2  # memory=pool: patch grid pooling window (2: a quarter of the patch tokens per frame)
+    temporal_embedding: bool = False  # a learned per-frame embedding added to the frame tokens (zero at init)
+    max_frames: int = 16  # frames the temporal embedding covers
+
+
+@dataclass
 class ModelConfig:
     """One mPLUG model: vision tower, text encoder, skip-connected fusion, prefix-LM decoder and heads."""
 
@@ -59,6 +71,7 @@ class ModelConfig:
     attn_backend: AttnBackend = "sdpa"  # attention kernels: sdpa, flash_attn or eager
     grad_checkpointing: bool = False  # recompute block activations in backward (less memory, more compute)
     patch_predictor_layer: int | None = None  # TiMix: ViT block (0-based) the patch predictor reads; null: none
+    video: VideoConfig = field(default_factory=VideoConfig)  # clips (video tasks)
 
     def __post_init__(self) -> None:
         if self.text.hidden_size % self.text.heads or self.vision.width % self.vision.heads:
@@ -69,6 +82,12 @@ class ModelConfig:
                 f"vision.patch_size {self.vision.patch_size}")
         if self.fusion_stride < 1:
             raise ConfigError(f"model '{self.name}': fusion_stride must be >= 1")
+        grid = self.vision.image_size // self.vision.patch_size
+        if self.video.max_frames < 1:
+            raise ConfigError(f"model '{self.name}': video.max_frames must be >= 1, got {self.video.max_frames}")
+        if self.video.memory == "pool" and (self.video.pool_size < 1 or grid % self.video.pool_size):
+            raise ConfigError(f"model '{self.name}': video.pool_size {self.video.pool_size} must divide the "
+                              f"{grid}x{grid} patch grid")
         layer = self.patch_predictor_layer
         if layer is not None and not 0 <= layer < self.vision.layers:
             raise ConfigError(f"model '{self.name}': patch_predictor_layer {layer} is outside the ViT's blocks "

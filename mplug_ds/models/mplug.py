@@ -1,7 +1,13 @@
-"""The mPLUG model: CLIP ViT + BERT text encoder + skip-connected fusion + prefix-LM decoder + heads."""
+"""The mPLUG model: CLIP ViT + BERT text encoder + skip-connected fusion + prefix-LM decoder + heads.
+
+Images ``(B, 3, S, S)`` and clips ``(B, T, 3, S, S)`` share every part: a clip's frames go through the ViT one by
+one; its contrastive feature is the mean of the projected per-frame class tokens and its fusion / decoder memory
+the frames' tokens concatenated (as published) or reduced (``cfg.video.memory``); an optional learned temporal
+embedding, zero at initialisation, is added to each frame's tokens.
+"""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +23,13 @@ from mplug_ds.models.vision import VisionEncoder
 TEMP_RANGE = (0.001, 0.5)
 
 
+class Visual(NamedTuple):
+    """An image's or a clip's tokens as fusion and the decoder read them, and its contrastive feature."""
+
+    memory: torch.Tensor  # (B, M, H)
+    feature: torch.Tensor  # (B, E), L2-normalised
+
+
 class MPLUG(nn.Module):
     """All mPLUG parts; objectives and task heads call its encode/fuse methods.
 
@@ -24,7 +37,8 @@ class MPLUG(nn.Module):
     Parameter names: ``visual.*`` (the ViT; its own learning rate), ``visn_fc``/``visn_norm`` (ViT-L → text width,
     only when the widths differ), ``text_encoder.*``, ``fusion.*``, ``decoder.*``, ``mlm_head.*``,
     ``vision_proj``/``text_proj`` (to the contrastive space), ``itm_head``, ``temp``, and ``patch_predictor`` (TiMix,
-    only with ``cfg.patch_predictor_layer``; trained from scratch, so it is not under ``visual.*`` and its lower LR).
+    only with ``cfg.patch_predictor_layer``; trained from scratch, so it is not under ``visual.*`` and its lower LR),
+    ``temporal_pos_embed`` (only with ``cfg.video.temporal_embedding``; likewise trained from scratch).
     """
 
     def __init__(self, cfg: ModelConfig, teacher: bool = False) -> None:
@@ -53,6 +67,9 @@ class MPLUG(nn.Module):
         # The teacher never runs the predictor: TiMix scores patches with the online model only.
         build_predictor = cfg.patch_predictor_layer is not None and not teacher
         self.patch_predictor = PatchPredictor(cfg.vision.width, t.hidden_size) if build_predictor else None
+        video = cfg.video
+        self.temporal_pos_embed = (nn.Parameter(torch.zeros(1, video.max_frames, 1, t.hidden_size))
+                                   if video.temporal_embedding else None)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -63,6 +80,50 @@ class MPLUG(nn.Module):
         """Image tokens ``(B, 1 + patches, H)`` at the text width (token 0 = CLS); ``patch_mix`` rewrites the patch
         embeddings first (TiMix's token-space mixing, see ``VisionEncoder.forward``)."""
         return self._to_text_width(self.visual(images, patch_mix=patch_mix))
+
+    def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
+        """Per-frame tokens ``(B, T, 1 + patches, H)`` of clips ``(B, T, 3, S, S)`` (each frame through the ViT like an
+        image), plus the temporal embedding of each frame when the model has one."""
+        b, t = frames.shape[:2]
+        tokens = self.encode_image(frames.flatten(0, 1)).unflatten(0, (b, t))
+        if self.temporal_pos_embed is not None:
+            if t > self.temporal_pos_embed.shape[1]:
+                raise ValueError(f"a clip of {t} frames, but the temporal embedding covers "
+                                 f"{self.temporal_pos_embed.shape[1]} (model video.max_frames)")
+            tokens = tokens + self.temporal_pos_embed[:, :t].to(tokens.dtype)
+        return tokens
+
+    def video_feature(self, tokens: torch.Tensor) -> torch.Tensor:
+        """L2-normalised contrastive feature of clips from their per-frame tokens: the mean over frames of each
+        frame's projected class token ``(B, E)``."""
+        return F.normalize(self.vision_proj(tokens[:, :, 0]).float().mean(dim=1), dim=-1)
+
+    def video_memory(self, tokens: torch.Tensor) -> torch.Tensor:
+        """What fusion and the decoder read of clips ``(B, M, H)`` from their per-frame tokens ``(B, T, N, H)``:
+        all frames' tokens (``concat``: M = T·N), their mean over frames (``mean``: M = N) or each frame's class
+        token and average-pooled patch grid (``pool``: M = T·(1 + N'/pool_size²))."""
+        mode = self.cfg.video.memory
+        if mode == "concat":
+            return tokens.flatten(1, 2)
+        if mode == "mean":
+            return tokens.mean(dim=1)
+        b, t, n, h = tokens.shape
+        grid, k = int(round((n - 1) ** 0.5)), self.cfg.video.pool_size
+        patches = tokens[:, :, 1:].reshape(b * t, grid, grid, h).permute(0, 3, 1, 2)
+        pooled = F.avg_pool2d(patches, k).flatten(2).transpose(1, 2).reshape(b, t, -1, h)
+        return torch.cat([tokens[:, :, :1], pooled], dim=2).flatten(1, 2)
+
+    def encode_visual(self, pixels: torch.Tensor) -> Visual:
+        """Memory and contrastive feature of images ``(B, 3, S, S)`` or clips ``(B, T, 3, S, S)`` (normalised)."""
+        if pixels.dim() == 4:
+            tokens = self.encode_image(pixels)
+            return Visual(tokens, self.image_feature(tokens))
+        tokens = self.encode_video(pixels)
+        return Visual(self.video_memory(tokens), self.video_feature(tokens))
+
+    def visual_memory(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``encode_visual``'s memory alone (the contrastive projection is not run)."""
+        return self.encode_image(pixels) if pixels.dim() == 4 else self.video_memory(self.encode_video(pixels))
 
     def encode_image_tapped(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``encode_image`` plus the ViT hidden states after the patch predictor's block ``(B, 1 + patches, W)``."""

@@ -10,10 +10,15 @@ from mplug_ds.tasks.grounding import GroundingTask
 from mplug_ds.tasks.nlvr2 import NLVR2Task
 from mplug_ds.tasks.retrieval import RetrievalTask
 from mplug_ds.tasks.ve import VETask
+from mplug_ds.tasks.video_caption import VideoCaptionTask
+from mplug_ds.tasks.video_qa import VideoQATask
+from mplug_ds.tasks.video_retrieval import VideoRetrievalTask
 from mplug_ds.tasks.vqa import VQATask
 
 TASKS: dict[str, type[FinetuneTask]] = {"grounding": GroundingTask, "retrieval": RetrievalTask, "vqa": VQATask,
-                                        "caption": CaptionTask, "nlvr2": NLVR2Task, "ve": VETask}
+                                        "caption": CaptionTask, "nlvr2": NLVR2Task, "ve": VETask,
+                                        "video_retrieval": VideoRetrievalTask, "video_qa": VideoQATask,
+                                        "video_caption": VideoCaptionTask}
 
 __all__ = ["TASKS", "EvalResult", "FinetuneTask", "build_task"]
 

@@ -64,9 +64,12 @@ class FinetuneTask(ABC):
         """Raise ``ConfigError`` if the batch geometry cannot work for this task (default: anything goes)."""
 
     def missing_fields(self, sample: Sample) -> list[str]:
-        """Required fields that ``sample`` lacks (empty or unset); the image unless the task reads ``images``."""
+        """Required fields that ``sample`` lacks (empty or unset); the image unless the task reads ``images`` or a
+        ``video``."""
         missing = [f for f in self.required_fields if not getattr(sample, f)]
-        return missing if sample.image is not None or "images" in self.required_fields else ["image", *missing]
+        if sample.image is not None or {"images", "video"} & set(self.required_fields):
+            return missing
+        return ["image", *missing]
 
     @abstractmethod
     def evaluate(self, module: nn.Module, samples: EvalSamples, data: DataConfig, batch_size: int,

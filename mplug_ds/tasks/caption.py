@@ -1,9 +1,11 @@
 """Image captioning (COCO Karpathy split), mPLUG §7.2.
 
 The decoder cross-attends directly to the image tokens (the text encoder and fusion are not used) and is trained
-with the mean token cross-entropy of ``[CLS] caption [SEP]`` (one of the image's captions, drawn each time).
-Evaluation: beam search from ``[CLS]`` (published: 5 beams, 8–25 tokens); BLEU-1..4, METEOR, ROUGE-L, CIDEr (and
-SPICE when it can run) with pycocoevalcap against all reference captions; results in the COCO format
+with the mean token cross-entropy of ``[CLS] caption [SEP]`` (one of the image's captions, drawn each time); with a
+``prompt`` (video captioning: "a picture of"), of ``[CLS] prompt caption [SEP]`` scored on the caption's tokens only.
+A clip's memory is its frames' tokens (``tasks/video_caption.py``).
+Evaluation: beam search from ``[CLS]`` and the prompt (published: 5 beams, 8–25 tokens); BLEU-1..4, METEOR, ROUGE-L,
+CIDEr (and SPICE when it can run) with pycocoevalcap against all reference captions; results in the COCO format
 ``[{"image_id", "caption"}]``. Baseline: the CIDEr of the most frequent training caption given to every image.
 """
 from __future__ import annotations
@@ -18,10 +20,10 @@ import torch
 from torch import nn
 
 from mplug_ds.config import ConfigError
-from mplug_ds.data.collate import Preparer
+from mplug_ds.data.collate import Preparer, stack_visual
 from mplug_ds.data.data_config import DataConfig
 from mplug_ds.data.sample import Sample
-from mplug_ds.data.tokenizer import CLS_ID, SEP_ID
+from mplug_ds.data.tokenizer import CLS_ID, SEP_ID, get_tokenizer
 from mplug_ds.data.transforms import pre_caption
 from mplug_ds.eval.caption import caption_metrics, constant_caption_cider
 from mplug_ds.eval.distributed import gather_to_rank0, merge_predictions
@@ -30,6 +32,7 @@ from mplug_ds.models.generation import BeamConfig, beam_search
 from mplug_ds.models.mplug import MPLUG
 from mplug_ds.tasks.base import IMAGE_TOWER, EvalResult, EvalSamples, SampleTask, predict_in_lockstep
 from mplug_ds.tasks.train_stats import on_rank0, training_annotations
+from mplug_ds.tasks.visual import picture, visual_input
 from mplug_ds.tasks.vqa import decode_text
 
 Batch = dict[str, torch.Tensor]
@@ -45,27 +48,37 @@ class CaptionConfig:
     length_penalty: float = 0.6
     no_repeat_ngram: int = 0  # n > 0: block repeated n-grams (not in the published setting)
     spice: bool = True  # compute SPICE when its CoreNLP models are installed (reported unavailable otherwise)
+    prompt: str = ""  # text the decoder starts from after [CLS] (not scored, not in the caption)
     train_scan_samples: int = 100_000  # training images read to find the most frequent caption (the baseline)
 
 
 class CaptionModel(nn.Module):
-    """The module DeepSpeed trains for captioning: the decoder over the image tokens."""
+    """The module DeepSpeed trains for captioning: the decoder over the image (or clip) tokens."""
 
-    def __init__(self, model: MPLUG) -> None:
+    def __init__(self, model: MPLUG, prompt: str = "") -> None:
         super().__init__()
         self.model = model
+        self.prompt = get_tokenizer()(prompt, add_special_tokens=False)["input_ids"] if prompt else []
 
     def forward(self, batch: Batch, **_: Any) -> dict[str, torch.Tensor]:
-        """``loss``: mean token cross-entropy of the caption given the image tokens."""
-        image = self.model.encode_image(batch["image"])
-        return {"loss": self.model.decoder.lm_loss(batch["text_ids"], batch["text_mask"], image, None)}
+        """``loss``: mean token cross-entropy of the caption (after the prompt) given the image tokens."""
+        visual = self.model.visual_memory(visual_input(batch))
+        ids, mask, n = batch["text_ids"], batch["text_mask"], len(self.prompt)
+        if n:  # [CLS] prompt caption [SEP]: the prompt's tokens are given, not predicted
+            prompt = torch.tensor(self.prompt, device=ids.device).expand(ids.shape[0], n)
+            ids = torch.cat([ids[:, :1], prompt, ids[:, 1:]], dim=1)
+            mask = torch.cat([mask[:, :1], torch.ones_like(prompt), mask[:, 1:]], dim=1)
+        nll, valid = self.model.decoder.token_nll(ids, mask, visual, None)
+        scored = valid.clone()
+        scored[:, :n] = False
+        return {"loss": (nll * scored).sum() / scored.sum().clamp(min=1)}
 
     @torch.no_grad()
-    def generate(self, images: torch.Tensor, cfg: BeamConfig) -> list[str]:
-        """Beam-searched captions, one per image."""
-        image = self.model.encode_image(images)
-        prompt = torch.full((image.shape[0], 1), CLS_ID, dtype=torch.long, device=image.device)
-        out = beam_search(self.model.decoder, image, None, prompt, cfg, eos_id=SEP_ID)
+    def generate(self, batch: Batch, cfg: BeamConfig) -> list[str]:
+        """Beam-searched captions (the prompt left out), one per image or clip."""
+        visual = self.model.visual_memory(visual_input(batch))
+        prompt = torch.tensor([CLS_ID, *self.prompt], device=visual.device).expand(visual.shape[0], -1)
+        out = beam_search(self.model.decoder, visual, None, prompt, cfg, eos_id=SEP_ID)
         return [decode_text(t) for t in out.tokens]
 
 
@@ -96,7 +109,7 @@ class CaptionTask(SampleTask):
         self._spice_note: str | None = None
 
     def build(self, model: MPLUG) -> CaptionModel:
-        return CaptionModel(model)
+        return CaptionModel(model, self.cfg.prompt)
 
     def format_metric(self, metrics: Mapping[str, float], baseline: Mapping[str, float]) -> str:
         cider, base = metrics.get("cider", float("nan")), baseline.get("cider", float("nan"))
@@ -110,18 +123,20 @@ class CaptionTask(SampleTask):
         return self._frequent
 
     def eval_items(self, samples: EvalSamples, data: DataConfig) -> list[dict[str, Any]]:
-        prepare = Preparer(dataclasses.replace(data, task="caption", train=False))
-        return [{"index": index, "image": prepare.image(sample, random.Random(0)), "references": list(sample.texts),
+        """The picture is prepared per batch in ``predict`` (a clip is decoded only when its batch runs)."""
+        return [{"index": index, "sample": sample, "references": list(sample.texts),
                  "image_id": coco_image_id(sample.image_id, sample.key)} for index, sample in samples]
 
     @torch.no_grad()
     def predict(self, module: nn.Module, items: list[dict[str, Any]], data: DataConfig,
                 device: torch.device) -> list[dict[str, Any]]:
-        """``caption``: beam search from [CLS] over the image tokens."""
+        """``caption``: beam search from [CLS] over the image (or clip) tokens."""
         cfg = self.cfg
         beam = BeamConfig(cfg.num_beams, cfg.min_length, cfg.max_length, cfg.length_penalty,
                           no_repeat_ngram=cfg.no_repeat_ngram)
-        captions = module.generate(torch.stack([it["image"] for it in items]).to(device), beam)
+        prepare = Preparer(dataclasses.replace(data, task="caption", train=False))
+        visual = stack_visual([prepare.visual(it["sample"], random.Random(it["index"])) for it in items])
+        captions = module.generate({k: v.to(device) for k, v in visual.items()}, beam)
         return [{"caption": caption} for caption in captions]
 
     @torch.no_grad()
@@ -149,7 +164,7 @@ class CaptionTask(SampleTask):
     def panel(self, sample: Sample, prediction: dict[str, Any]) -> Panel:
         lines = [f"generated: {prediction['caption']}"]
         references = prediction.get("references") or []  # none for an image of one's own
-        return Panel(images=[sample.image], lines=lines + [f"reference: {r}" for r in references[:1]])
+        return Panel(images=picture(sample), lines=lines + [f"reference: {r}" for r in references[:1]])
 
 
 def frequent_caption(data: DataConfig, limit: int) -> str | None:

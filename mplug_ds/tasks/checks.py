@@ -20,6 +20,12 @@ FIELD_HELP = {
              "write the shards with tools/make_shards.py --format nlvr2",
     "ve": "ve reads the image, texts[0] (the hypothesis) and label; write the shards with "
           "tools/make_shards.py --format snli-ve",
+    "video_retrieval": "video_retrieval reads the video and its captions (texts) with image_id (the video id); write "
+                       "the shards with tools/make_shards.py --format msrvtt or --format video-text",
+    "video_qa": "video_qa reads the video, its questions (texts) and one answer per question; write the shards with "
+                "tools/make_shards.py --format msrvtt-qa, --format msvd-qa or --format video-qa",
+    "video_caption": "video_caption reads the video and its captions (texts); write the shards with "
+                     "tools/make_shards.py --format vatex, --format msrvtt or --format video-text",
 }
 
 

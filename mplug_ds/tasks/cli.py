@@ -52,10 +52,12 @@ def config_help() -> str:
     return ("Any other argument is a key=value override of the YAML, e.g. batch.micro_batch_per_gpu=32 "
             "eval.every_steps=500 deepspeed.config=zero3.\n"
             "Configuration keys (the --config YAML sets many of them; task.options.* are the task's own: "
-            "grounding: loss_weighting; retrieval: queue_size, momentum, alpha, itm_weight, k_test; vqa: mode, "
+            "grounding: loss_weighting; retrieval: queue_size, momentum, alpha, itm_weight, k_test, rerank_score; "
+            "vqa: mode, "
             "num_beams, min_length, max_length, length_penalty, answer_list, answer_list_size, k_test, "
             "train_scan_samples; caption: num_beams, min_length, max_length, length_penalty, no_repeat_ngram, spice, "
-            "train_scan_samples; nlvr2, ve: train_scan_samples):\n"
+            "prompt, train_scan_samples; nlvr2, ve: train_scan_samples; video_retrieval, video_qa, video_caption: "
+            "those of retrieval, vqa and caption):\n"
             + format_config_keys(keys))
 
 
@@ -82,6 +84,11 @@ def validate_task(cfg: FinetuneConfig, world_size: int) -> ResolvedTask:
     except ConfigError as err:
         raise ConfigError(f"model: {err}") from None
     task.check_run(cfg.batch.micro_batch_per_gpu, cfg.batch.micro_batch_per_gpu * world_size)
+    frames = cfg.data.pipeline.num_frames
+    if model.video.temporal_embedding and frames > model.video.max_frames:
+        raise ConfigError(f"data.pipeline.num_frames={frames} but the model's temporal embedding covers "
+                          f"{model.video.max_frames} frames: raise model.overrides.video.max_frames or use fewer "
+                          "frames")
     if cfg.eval.every_steps < 0 or cfg.eval.batch_size < 1:
         raise ConfigError("eval.every_steps must be >= 0 and eval.batch_size >= 1")
     try:
@@ -209,9 +216,10 @@ def train(cfg: FinetuneConfig, resolved: ResolvedTask, world: WorldInfo) -> int:
         summary = Trainer(cfg, resolved, world, make_recipe).train()
     recipe = holder[0]
     if world.rank == 0:
-        last = recipe.last_eval
+        last, start = recipe.last_eval, recipe.start_eval
         if last is not None and last.metrics:
-            print(format_result(cfg, resolved, last.metrics, last.baseline, last.picture), flush=True)
+            before = start.metrics if start is not None and start is not last else None
+            print(format_result(cfg, resolved, last.metrics, last.baseline, last.picture, before), flush=True)
         else:
             print(f"\nno evaluation (stopped at step {summary.steps}; continue with --resume auto)", flush=True)
         print(f"checkpoint: {summary.checkpoint}\nmetrics: {cfg.output_dir}/metrics.jsonl\n"
@@ -259,14 +267,19 @@ def evaluate_only(cfg: FinetuneConfig, resolved: ResolvedTask, world: WorldInfo)
 
 
 def format_result(cfg: FinetuneConfig, resolved: ResolvedTask, metrics: dict, baseline: dict,
-                  picture: Path | None = None) -> str:
-    """The end-of-run report: every metric, then the primary metric beside its baseline, and where the results
-    and the picture of the first predictions are."""
+                  picture: Path | None = None, before: dict | None = None) -> str:
+    """The end-of-run report: every metric, then the primary metric beside its baseline (and, with ``before``, the
+    metrics of the evaluation before training: the zero-shot figure), and where the results and the picture of the
+    first predictions are."""
     task = resolved.task
     lines = ["", f"=== {task.name} evaluation ==="]
     lines += [f"{k}: {v:.4f}" for k, v in metrics.items() if not k.startswith("baseline/")]
     lines += [f"baseline {k}: {v:.4f}" for k, v in baseline.items()]
-    lines.append(task.format_metric(metrics, baseline))
+    if before is not None:
+        lines.append(f"before fine-tuning (zero-shot): {task.format_metric(before, baseline)}")
+        lines.append(f"after fine-tuning:              {task.format_metric(metrics, baseline)}")
+    else:
+        lines.append(task.format_metric(metrics, baseline))
     lines.append(f"results: {cfg.output_dir}/eval/")
     if picture is not None:
         lines.append(f"predictions: {picture}")

@@ -18,7 +18,7 @@ from mplug_ds.engine.train_config import EngineConfig, ModelSection
 class TaskSection:
     """Which task, its options, and the weights it starts from."""
 
-    name: str = ""  # grounding | retrieval | vqa | caption (launch/finetune.py --task sets it)
+    name: str = ""  # the task, one of TASKS (launch/finetune.py --task sets it)
     options: dict[str, Any] = field(default_factory=dict)  # fields of the task's config (GroundingConfig, …)
     pretrained: str | None = None  # export dir or DeepSpeed checkpoint dir; demo: the demo pre-training checkpoint
     demo_pretrain: list[str] = field(default_factory=list)  # overrides of the demo pre-training made when missing
@@ -40,6 +40,7 @@ class TaskEvalSection:
     """Evaluation during and after fine-tuning; the task's metric selects the best checkpoint."""
 
     every_steps: int = 0  # also evaluate every this many optimizer steps (0: only after the last step)
+    at_start: bool = False  # also evaluate before the first step (the zero-shot figure beside the fine-tuned one)
     max_samples: int | None = None  # evaluate only the first N samples of the evaluation shards (None: all)
     batch_size: int = 64
 

@@ -125,6 +125,13 @@ def read_image(image: ImageInput) -> Image.Image:
         raise ValueError(f"{image}: not a readable image ({err})") from None
 
 
+def image_task(name: str | None) -> str | None:
+    """The image task a video task is built on (``video_qa`` → ``vqa``); any other name as it is."""
+    if name in TASKS and "video" in TASKS[name].required_fields:
+        return next(base.name for base in TASKS[name].__mro__[1:] if "video" not in base.required_fields)
+    return name
+
+
 def _same_length(images: Sequence[Any], texts: Sequence[str], what: str) -> None:
     if len(images) != len(texts):
         raise ValueError(f"{len(images)} images but {len(texts)} {what}: give one per image")
@@ -213,6 +220,10 @@ class Predictor:
         """The inputs as the samples an evaluation set would hold (no ground truth)."""
         if task_name not in TASKS:
             raise ValueError(f"unknown task '{task_name}': choose one of {', '.join(sorted(TASKS))}")
+        if image_task(task_name) != task_name:
+            raise ValueError(f"'{task_name}' predicts on videos and the predictor reads images: evaluate videos with "
+                             f"launch/finetune.py --task {task_name} --evaluate (a '{task_name}' checkpoint answers "
+                             f"images as '{image_task(task_name)}')")
         if task_name == "retrieval":
             if not texts:
                 raise ValueError("retrieval ranks texts against the images: give at least one text")
@@ -245,8 +256,8 @@ class Predictor:
         if name in self._tasks:
             return self._tasks[name]
         ckpt = self.checkpoint
-        own = ckpt.trained_for == name
-        task = build_task(name, self.settings.task.options if self.settings.task.name == name else None)
+        own = image_task(ckpt.trained_for) == name  # a video fine-tuning is its image task's own
+        task = build_task(name, self.settings.task.options if image_task(self.settings.task.name) == name else None)
         parts = untrained_parts(ckpt.random_init, task.uses)
         if parts:
             raise ValueError(f"{describe_untrained(ckpt.path, name, parts)}; its predictions would be meaningless: "

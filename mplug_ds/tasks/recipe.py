@@ -78,8 +78,10 @@ class TaskRecipe(Recipe):
         self.loss_keys = self.task.loss_keys
         self.metric = self.task.metric
         self.eval_every_steps = cfg.eval.every_steps if resolved.eval_shards else 0
+        self.evaluate_at_start = cfg.eval.at_start and resolved.eval_shards is not None
         self.teacher = getattr(self.module, "teacher", None)
         self.engine: Any = None
+        self.start_eval: EvalResult | None = None  # the evaluation before the first step (eval.at_start)
         self.last_eval: EvalResult | None = None
 
     def train_stream(self) -> TrainStream:
@@ -116,6 +118,8 @@ class TaskRecipe(Recipe):
         result = run_evaluation(self.task, engine.module, self.resolved.eval_shards, data, self.cfg.eval.batch_size,
                                 self.cfg.eval.max_samples, engine.device, path)
         self.last_eval = result
+        if step == 0:
+            self.start_eval = result
         return {**result.metrics, **{f"baseline/{k}": v for k, v in result.baseline.items()}}
 
     def extra_state(self) -> dict[str, Any] | None:

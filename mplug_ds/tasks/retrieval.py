@@ -4,13 +4,17 @@ Training: contrastive loss against the momentum teacher's features of the global
 every entry with the same image id is a positive (target = normalised indicator, distilled with the teacher's
 similarities); matching loss with hard negatives drawn from the in-batch similarities, never of the same image.
 Evaluation: contrastive similarities for every pair, top-k candidates per query, re-ranked by the matching
-logit; the similarity rows are split across ranks and the matching pairs are scored where their image lives.
+logit (optionally plus the contrastive similarity, as the published video retrieval scores); the similarity rows are
+split across ranks and the matching pairs are scored where their image lives. The same module and evaluation serve
+video retrieval (``tasks/video_retrieval.py``): a clip is encoded by ``MPLUG.encode_visual`` instead of an image.
 """
 from __future__ import annotations
 
+import dataclasses
+import random
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +22,7 @@ from PIL import Image
 from torch import nn
 
 from mplug_ds.config import ConfigError
-from mplug_ds.data.collate import tokenize
+from mplug_ds.data.collate import Preparer, stack_visual, tokenize
 from mplug_ds.data.data_config import DataConfig
 from mplug_ds.data.sample import Sample
 from mplug_ds.data.tokenizer import get_tokenizer
@@ -26,11 +30,12 @@ from mplug_ds.data.transforms import TestTransform, pre_caption
 from mplug_ds.distributed import all_gather, get_rank, get_world_size, range_over_ranks
 from mplug_ds.eval.distributed import all_gather_objects, gather_to_rank0, lockstep_batches
 from mplug_ds.eval.pictures import Panel
-from mplug_ds.eval.retrieval import chance_recalls, retrieval_recalls
+from mplug_ds.eval.retrieval import chance_recalls, first_hit_ranks, rank_summary, retrieval_recalls
 from mplug_ds.models.momentum import MomentumTeacher
 from mplug_ds.models.mplug import MPLUG
 from mplug_ds.objectives.pretrain import soft_cross_entropy
 from mplug_ds.tasks.base import FUSED, EvalResult, EvalSamples, FinetuneTask
+from mplug_ds.tasks.visual import picture, visual_input
 
 SHOWN_TEXTS = 3  # captions per image in the evaluation's picture
 
@@ -46,6 +51,9 @@ class RetrievalConfig:
     alpha: float = 0.4  # distillation weight of the teacher's similarities in the contrastive targets
     itm_weight: float = 1.0
     k_test: int = 256  # contrastive candidates per query re-ranked by the matching head
+    # re-ranking score: the matching logit (mPLUG image retrieval) or logit + contrastive similarity (its video
+    # retrieval, as published)
+    rerank_score: Literal["itm", "itm_plus_itc"] = "itm"
 
 
 class FeatureQueue:
@@ -122,20 +130,21 @@ class RetrievalModel(nn.Module):
 
     def forward(self, batch: Batch, alpha: float | None = None, **_: Any) -> dict[str, torch.Tensor]:
         """``loss`` = ``loss_ita`` + itm_weight · ``loss_itm``; ``alpha`` is the current distillation weight."""
-        if batch["image"].shape[0] < 2:
+        pixels = visual_input(batch)
+        if pixels.shape[0] < 2:
             raise ValueError("retrieval needs at least 2 samples per rank (ITM samples in-batch negatives)")
         m, cfg = self.model, self.cfg
         alpha = cfg.alpha if alpha is None else alpha
         idx = batch["image_idx"]
         ids, mask = batch["text_ids"], batch["text_mask"]
-        image = m.encode_image(batch["image"])
+        image, image_feat = m.encode_visual(pixels)
         text = m.encode_text(ids, mask)
-        image_feat, text_feat = m.image_feature(image), m.text_feature(text)
+        text_feat = m.text_feature(text)
         temp = m.temperature()
         with torch.no_grad():
             t = self.teacher.model
             with self._teacher_context():
-                image_m = t.image_feature(t.encode_image(batch["image"]))
+                image_m = t.encode_visual(pixels).feature
                 text_m = t.text_feature(t.encode_text(ids, mask))
             image_all, text_all, idx_all = all_gather(image_m), all_gather(text_m), all_gather(idx)
             image_bank = torch.cat([image_all, self.queue.image.to(image_all.device)])
@@ -184,36 +193,43 @@ class RetrievalModel(nn.Module):
 # ------------------------------------------------------------------------------------------------------------
 @dataclass
 class RetrievalEvalData:
-    """This rank's share of an evaluation set: images (index, tensor) and per image its tokenised captions."""
+    """This rank's share of an evaluation set: images or clips (index, ``Preparer.visual`` item) and per image its
+    tokenised captions."""
 
     indices: list[int]
-    images: list[torch.Tensor]
+    images: list[dict[str, torch.Tensor]]  # {"image": (3, R, R)} or {"video": (T, 3, R, R) uint8}
     text_ids: list[torch.Tensor]  # one (n_captions, L) tensor per image
     text_mask: list[torch.Tensor]
 
 
-def _encode(fn: Callable[[list[int]], torch.Tensor], n: int, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Run ``fn`` over positions 0..n-1 in lockstep batches (filler batches dropped); concatenated on CPU."""
+def _encode(fn: Callable[[list[int]], tuple[torch.Tensor, ...]], n: int, batch_size: int,
+            device: torch.device) -> list[torch.Tensor]:
+    """Run ``fn`` over positions 0..n-1 in lockstep batches (filler batches dropped); each of its outputs
+    concatenated on CPU."""
     outs = []
     for positions, real in lockstep_batches(list(range(n)), batch_size, 0 if n else None, device):
         out = fn(positions)
         if real:
-            outs.append(out.cpu())
-    return torch.cat(outs) if outs else torch.empty(0)
+            outs.append([o.cpu() for o in out])
+    return [torch.cat(parts) for parts in zip(*outs)] if outs else []
 
 
-def encode_images(model: MPLUG, images: torch.Tensor, batch_size: int, device: torch.device
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image tokens (fed to the matching head) and L2-normalised contrastive features of ``images``, on CPU."""
-    tokens = _encode(lambda p: model.encode_image(images[p].to(device)), len(images), batch_size, device)
-    return tokens, F.normalize(model.vision_proj(tokens[:, 0].to(device)).float(), dim=-1).cpu()
+def encode_visuals(model: MPLUG, visual: Mapping[str, torch.Tensor], batch_size: int, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Memory tokens (fed to the matching head) and L2-normalised contrastive features of stacked images or clips
+    (``{"image": …}`` or ``{"video": …}``, as ``stack_visual`` makes them), on CPU."""
+    [(kind, pixels)] = visual.items()
+    tokens, feature = _encode(lambda p: model.encode_visual(visual_input({kind: pixels[p]}, device)), len(pixels),
+                              batch_size, device)
+    return tokens, feature
 
 
 def encode_texts(model: MPLUG, ids: torch.Tensor, mask: torch.Tensor, batch_size: int, device: torch.device
                  ) -> torch.Tensor:
     """L2-normalised contrastive features of tokenised texts, on CPU."""
-    return _encode(lambda p: model.text_feature(model.encode_text(ids[p].to(device), mask[p].to(device))),
-                   len(ids), batch_size, device)
+    [feature] = _encode(lambda p: (model.text_feature(model.encode_text(ids[p].to(device), mask[p].to(device))),),
+                        len(ids), batch_size, device)
+    return feature
 
 
 def top_candidates(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
@@ -226,13 +242,14 @@ def top_candidates(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.T
 def matching_scores(model: MPLUG, tokens: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
                     pairs: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
     """The matching head's "match" logit of each ``(row of tokens, row of text_ids)`` pair ``(P, 2)``, on CPU."""
-    def itm(positions: list[int]) -> torch.Tensor:
+    def itm(positions: list[int]) -> tuple[torch.Tensor]:
         p = pairs[positions]
         ids, mask = text_ids[p[:, 1]].to(device), text_mask[p[:, 1]].to(device)
         _, fused = model.fuse(tokens[p[:, 0]].to(device), model.encode_text(ids, mask), mask)
-        return model.itm_head(fused[:, 0]).float()[:, 1]
+        return (model.itm_head(fused[:, 0]).float()[:, 1],)
 
-    return _encode(itm, len(pairs), batch_size, device)
+    [scores] = _encode(itm, len(pairs), batch_size, device) or [torch.empty(0)]
+    return scores
 
 
 def rerank(candidates: list[list[int]], score: Callable[[int, int], float]) -> list[list[int]]:
@@ -254,7 +271,7 @@ def rank_images_and_texts(model: MPLUG, images: torch.Tensor, text_ids: torch.Te
                           k_test: int, batch_size: int, device: torch.device) -> Ranking:
     """In this process, what the evaluation ranks: every image against every text, the ``k_test`` most similar by
     the contrastive features re-ranked by the matching head, both ways."""
-    tokens, image_feat = encode_images(model, images, batch_size, device)
+    tokens, image_feat = encode_visuals(model, {"image": images}, batch_size, device)
     text_feat = encode_texts(model, text_ids, text_mask, batch_size, device)
     i2t = top_candidates(image_feat, text_feat, min(k_test, len(text_feat)))
     t2i = top_candidates(text_feat, image_feat, min(k_test, len(image_feat)))
@@ -272,8 +289,9 @@ def rank_images_and_texts(model: MPLUG, images: torch.Tensor, text_ids: torch.Te
 
 @torch.no_grad()
 def evaluate_retrieval(model: MPLUG, data: RetrievalEvalData, batch_size: int, k_test: int,
-                       device: torch.device) -> tuple[dict[str, float], dict[str, Any] | None]:
-    """TR/IR recall after ITC top-k + ITM re-ranking (and of ITC alone); identical for any world size.
+                       device: torch.device, add_itc: bool = False) -> tuple[dict[str, float], dict[str, Any] | None]:
+    """TR/IR recall, median and mean rank after ITC top-k + ITM re-ranking (and recall of ITC alone); identical for
+    any world size. ``add_itc``: a pair's re-ranking score is its matching logit plus its contrastive similarity.
 
     Returns ``(metrics, rankings)`` on rank 0 (``rankings``: per image and per text the re-ranked candidate
     indices and scores), ``({}, None)`` elsewhere.
@@ -284,10 +302,9 @@ def evaluate_retrieval(model: MPLUG, data: RetrievalEvalData, batch_size: int, k
     if fewest[1] == 0:
         raise ValueError(f"a rank got no evaluation image: the evaluation set needs at least as many images as "
                          f"ranks ({get_world_size()})")
-    images = torch.stack(data.images)
     local_ids = torch.cat([F.pad(t, (0, length - t.shape[1])) for t in data.text_ids])  # pad id and mask are 0
     local_mask = torch.cat([F.pad(t, (0, length - t.shape[1])) for t in data.text_mask])
-    local_tokens, local_image_feat = encode_images(model, images, batch_size, device)
+    local_tokens, local_image_feat = encode_visuals(model, stack_visual(data.images), batch_size, device)
     local_text_feat = encode_texts(model, local_ids, local_mask, batch_size, device)
     # Global order: images by sample index, texts by their image then caption order.
     shared = all_gather_objects({"indices": data.indices, "counts": [len(t) for t in data.text_ids],
@@ -310,10 +327,21 @@ def evaluate_retrieval(model: MPLUG, data: RetrievalEvalData, batch_size: int, k
     n_images, n_texts = len(order), len(owner_texts)
     k_i2t, k_t2i = min(k_test, n_texts), min(k_test, n_images)
 
-    # Similarity rows of this rank: its images (i2t) and the texts of its images (t2i).
-    i2t_top = top_candidates(image_feat[mine], text_feat, k_i2t)  # (my images, k)
+    # Similarity rows of this rank: its images (i2t) and the texts of its images (t2i), in chunks; with each row's
+    # rank of its best positive by similarity alone (where a positive outside the top k ends up)
+    owner = torch.tensor(text_to_image)
+    i2t_sim = image_feat[mine] @ text_feat.t()
+    i2t_top = i2t_sim.topk(k_i2t, dim=1).indices  # (my images, k)
+    best = i2t_sim.masked_fill(owner[None, :] != torch.tensor(mine)[:, None], float("-inf")).amax(dim=1)
+    i2t_itc_rank = (i2t_sim > best[:, None]).sum(dim=1) + 1
     my_texts = [t for t in range(n_texts) if text_to_image[t] in local_of]  # texts live with their image
-    t2i_top = top_candidates(text_feat[my_texts], image_feat, k_t2i)
+    t2i_top, t2i_itc_rank = [torch.empty(0, k_t2i, dtype=torch.long)], [torch.empty(0, dtype=torch.long)]
+    for s in range(0, len(my_texts), 4096):
+        chunk = my_texts[s:s + 4096]
+        sim = text_feat[chunk] @ image_feat.t()
+        t2i_top.append(sim.topk(k_t2i, dim=1).indices)
+        t2i_itc_rank.append((sim > sim.gather(1, owner[chunk][:, None])).sum(dim=1) + 1)
+    t2i_top, t2i_itc_rank = torch.cat(t2i_top), torch.cat(t2i_itc_rank)
     pairs_i2t = torch.stack([torch.tensor(mine).repeat_interleave(k_i2t), i2t_top.flatten()], dim=1)
     pairs_t2i = torch.stack([t2i_top.flatten(), torch.tensor(my_texts).repeat_interleave(k_t2i)], dim=1)
     # Every (image, text) pair is scored by the rank holding the image's tokens.
@@ -325,7 +353,11 @@ def evaluate_retrieval(model: MPLUG, data: RetrievalEvalData, batch_size: int, k
     local_pairs = torch.stack([torch.tensor([local_of[int(i)] for i in pairs[:, 0]], dtype=torch.long),
                                pairs[:, 1]], dim=1)
     scores = matching_scores(model, local_tokens, text_ids, text_mask, local_pairs, batch_size, device)
-    gathered = gather_to_rank0({"pairs": pairs, "scores": scores, "i2t": pairs_i2t, "t2i": pairs_t2i})
+    if add_itc:
+        scores = scores + (image_feat[pairs[:, 0]] * text_feat[pairs[:, 1]]).sum(dim=1)
+    gathered = gather_to_rank0({"pairs": pairs, "scores": scores, "i2t": pairs_i2t, "t2i": pairs_t2i,
+                                "i2t_rank": dict(zip(mine, i2t_itc_rank.tolist())),
+                                "t2i_rank": dict(zip(my_texts, t2i_itc_rank.tolist()))})
     if gathered is None:
         return {}, None
     score_of = {(int(i), int(t)): float(s) for part in gathered for (i, t), s in zip(part["pairs"], part["scores"])}
@@ -339,6 +371,15 @@ def evaluate_retrieval(model: MPLUG, data: RetrievalEvalData, batch_size: int, k
     image_ranking = rerank(itc_image, lambda i, t: score_of[(i, t)])
     text_ranking = rerank(itc_text, lambda t, i: score_of[(i, t)])
     metrics = retrieval_recalls(image_ranking, text_ranking, text_to_image)
+    itc_rank = {direction: {q: r for part in gathered for q, r in part[f"{direction}_rank"].items()}
+                for direction in ("i2t", "t2i")}
+    texts_of: list[set[int]] = [set() for _ in range(n_images)]
+    for t, i in enumerate(text_to_image):
+        texts_of[i].add(t)
+    for name, ranking, positives, direction in (("tr", image_ranking, texts_of, "i2t"),
+                                                ("ir", text_ranking, [{i} for i in text_to_image], "t2i")):
+        fallback = [itc_rank[direction][q] for q in range(len(ranking))]
+        metrics[f"{name}_mdr"], metrics[f"{name}_mnr"] = rank_summary(first_hit_ranks(ranking, positives, fallback))
     itc = retrieval_recalls(itc_image, itc_text, text_to_image)
     metrics |= {f"itc_{k}": v for k, v in itc.items()}
     metrics |= {"num_images": float(n_images), "num_texts": float(n_texts), "k_test": float(k_test)}
@@ -361,6 +402,7 @@ class RetrievalTask(FinetuneTask):
     config_type = RetrievalConfig
     required_fields = ("texts",)
     uses = (*FUSED, "vision_proj.", "text_proj.", "itm_head.", "temp")
+    shown = "image"  # what the picture calls a sample
 
     def build(self, model: MPLUG) -> RetrievalModel:
         return RetrievalModel(model, self.cfg)
@@ -408,29 +450,31 @@ class RetrievalTask(FinetuneTask):
     @torch.no_grad()
     def evaluate(self, module: nn.Module, samples: EvalSamples, data: DataConfig, batch_size: int,
                  device: torch.device) -> EvalResult:
+        prepare = Preparer(dataclasses.replace(data, task="retrieval", train=False))
         eval_data = RetrievalEvalData([], [], [], [])
         for index, sample in samples:
             captions = [c for c in self.prepare_texts(sample.texts, data) if c]
-            if sample.image is None or not captions:
-                raise ValueError(f"evaluation sample {sample.key} needs an image and at least one caption")
+            if (sample.image is None and sample.video is None) or not captions:
+                raise ValueError(f"evaluation sample {sample.key} needs an image (or video) and at least one caption")
             ids, mask = tokenize(captions, data.max_len)
             eval_data.indices.append(index)
-            eval_data.images.append(self.prepare_image(sample.image, data))
+            eval_data.images.append(prepare.visual(sample, random.Random(index)))  # images: ``prepare_image``
             eval_data.text_ids.append(ids)
             eval_data.text_mask.append(mask)
-        metrics, rankings = evaluate_retrieval(module.model, eval_data, batch_size, self.cfg.k_test, device)
+        metrics, rankings = evaluate_retrieval(module.model, eval_data, batch_size, self.cfg.k_test, device,
+                                               add_itc=self.cfg.rerank_score == "itm_plus_itc")
         if rankings is None:
             return EvalResult()
         baseline = chance_recalls(rankings["text_to_image"], int(metrics["num_images"]))
-        return EvalResult(metrics=metrics, baseline={self.metric: baseline[self.metric], "tr_r1": baseline["tr_r1"],
-                                                     "ir_r1": baseline["ir_r1"]}, results=rankings,
+        return EvalResult(metrics=metrics, baseline={k: baseline[k] for k in ("r_mean", "tr_r1", "ir_r1")},
+                          results=rankings,
                           predictions=retrieved_texts(rankings, SHOWN_TEXTS))
 
     def panel(self, sample: Sample, prediction: dict[str, Any]) -> Panel:
-        """``prediction["texts"]``: (text, score, whether it is a caption of this image; ``None``: not known)."""
+        """``prediction["texts"]``: (text, score, whether it is a caption of this sample; ``None``: not known)."""
         marks = {True: "✓", False: "✗", None: "·"}
         lines = [f"{marks[right]} {text} ({score:.2f})" for text, score, right in prediction["texts"]]
-        return Panel(images=[sample.image], lines=["captions retrieved for this image:", *lines],
+        return Panel(images=picture(sample), lines=[f"captions retrieved for this {self.shown}:", *lines],
                      correct=prediction["texts"][0][2] if prediction["texts"] else None)
 
 

@@ -5,7 +5,8 @@ distinct answers with weights (VQA: share of the ten annotators; VG: 0.5); each 
 weighted and the sum divided by the number of questions. Evaluation: beam search (5 beams, 1–10 tokens, the
 published setting) or, with ``mode: rank``, ALBEF's ranking of a candidate answer list (top ``k_test`` by first-token
 probability, re-scored by the whole answer's log-probability). Metric: the official VQA accuracy overall and per
-answer type; results in the evaluation-server format ``[{"question_id", "answer"}]``.
+answer type; results in the evaluation-server format ``[{"question_id", "answer"}]``. Video QA
+(``tasks/video_qa.py``) is the same module and answering on a clip's tokens.
 """
 from __future__ import annotations
 
@@ -15,13 +16,13 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from mplug_ds.config import ConfigError
-from mplug_ds.data.collate import Preparer, collate_vqa, tokenize
+from mplug_ds.data.collate import Preparer, collate_questions, stack_visual, tokenize
 from mplug_ds.data.data_config import DataConfig
 from mplug_ds.data.sample import Sample
 from mplug_ds.data.tokenizer import CLS_ID, SEP_ID, get_tokenizer
@@ -32,6 +33,7 @@ from mplug_ds.models.generation import BeamConfig, beam_search, rank_answers
 from mplug_ds.models.mplug import MPLUG
 from mplug_ds.tasks.base import FUSED, EvalResult, EvalSamples, SampleTask, predict_in_lockstep
 from mplug_ds.tasks.train_stats import on_rank0, training_annotations
+from mplug_ds.tasks.visual import picture, visual_input
 
 Batch = dict[str, torch.Tensor]
 
@@ -45,7 +47,9 @@ class VQAConfig:
     min_length: int = 1  # answer tokens before [SEP]
     max_length: int = 10  # answer tokens including [SEP]
     length_penalty: float = 0.6
-    answer_list: str | None = None  # mode=rank: JSON array of candidate answers (default: frequent training answers)
+    # mode=rank: a JSON array of candidate answers, or an answer → label object (ALPRO's train_ans2label.json);
+    # default: the most frequent training answers
+    answer_list: str | None = None
     answer_list_size: int = 3129  # default candidate list: this many most frequent (normalised) training answers
     k_test: int = 128  # mode=rank: candidates re-scored per question
     train_scan_samples: int = 100_000  # training questions read for the baseline and the default answer list
@@ -58,15 +62,22 @@ class VQAModel(nn.Module):
         super().__init__()
         self.model = model
 
-    def memory(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def visual(self, batch: Batch) -> torch.Tensor:
+        """The image or clip tokens of each question ``(Q, M, H)`` (a video batch's ``question_video`` says which
+        clip each question is about)."""
+        tokens = self.model.visual_memory(visual_input(batch))
+        return tokens[batch["question_video"]] if "question_video" in batch else tokens
+
+    def memory(self, visual: torch.Tensor, question_ids: torch.Tensor,
+               question_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder memory ``[image_out; question_out]`` and its mask."""
-        m, mask = self.model, batch["question_mask"]
-        image_out, text_out = m.fuse(m.encode_image(batch["image"]), m.encode_text(batch["question_ids"], mask), mask)
-        return m.memory(image_out, text_out, mask)
+        m = self.model
+        image_out, text_out = m.fuse(visual, m.encode_text(question_ids, question_mask), question_mask)
+        return m.memory(image_out, text_out, question_mask)
 
     def forward(self, batch: Batch, **_: Any) -> dict[str, torch.Tensor]:
         """``loss`` = Σ_answers weight · (summed token NLL of ``answer [SEP]``) / number of questions."""
-        memory, memory_mask = self.memory(batch)
+        memory, memory_mask = self.memory(self.visual(batch), batch["question_ids"], batch["question_mask"])
         counts = batch["answer_counts"]
         nll, _ = self.model.decoder.token_nll(batch["answer_ids"], batch["answer_mask"],
                                               memory.repeat_interleave(counts, dim=0),
@@ -74,18 +85,16 @@ class VQAModel(nn.Module):
         return {"loss": (batch["answer_weights"] * nll.sum(dim=1)).sum() / counts.shape[0]}
 
     @torch.no_grad()
-    def generate(self, batch: Batch, cfg: BeamConfig) -> list[str]:
+    def generate(self, memory: torch.Tensor, memory_mask: torch.Tensor, cfg: BeamConfig) -> list[str]:
         """Beam-searched answers, one string per question."""
-        memory, memory_mask = self.memory(batch)
         prompt = torch.full((memory.shape[0], 1), CLS_ID, dtype=torch.long, device=memory.device)
         out = beam_search(self.model.decoder, memory, memory_mask, prompt, cfg, eos_id=SEP_ID)
         return [decode_text(t) for t in out.tokens]
 
     @torch.no_grad()
-    def rank(self, batch: Batch, answers: list[str], answer_ids: torch.Tensor, answer_mask: torch.Tensor,
-             k: int) -> list[str]:
+    def rank(self, memory: torch.Tensor, memory_mask: torch.Tensor, answers: list[str], answer_ids: torch.Tensor,
+             answer_mask: torch.Tensor, k: int) -> list[str]:
         """The best of the candidate ``answers`` for each question."""
-        memory, memory_mask = self.memory(batch)
         index, _ = rank_answers(self.model.decoder, memory, memory_mask, answer_ids, answer_mask, k)
         return [answers[i] for i in index.tolist()]
 
@@ -116,6 +125,7 @@ class VQATask(SampleTask):
     required_fields = ("texts",)
     results_name = "vqa_results"
     uses = (*FUSED, "decoder.")
+    normalize = staticmethod(normalize_answer)  # how training answers are counted (the baseline, the candidates)
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(options)
@@ -142,14 +152,17 @@ class VQATask(SampleTask):
     def answer_prior(self, data: DataConfig) -> AnswerPrior:
         """Counted once per process on rank 0 from the training shards' annotations, shared with every rank."""
         if self._prior is None:
-            self._prior = on_rank0(lambda: count_answers(data, self.cfg))
+            self._prior = on_rank0(lambda: count_answers(data, self.cfg, self.normalize))
         return self._prior
 
     def candidate_answers(self, data: DataConfig) -> list[str]:
         if self.cfg.answer_list is not None:
             answers = json.loads(Path(self.cfg.answer_list).expanduser().read_text())
+            if isinstance(answers, dict):  # {answer: label}: the answers in label order
+                answers = sorted(answers, key=lambda a: answers[a])
             if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-                raise ValueError(f"task.options.answer_list={self.cfg.answer_list}: expected a JSON array of strings")
+                raise ValueError(f"task.options.answer_list={self.cfg.answer_list}: expected a JSON array of strings "
+                                 "or an object of answer → label")
             return answers
         answers = self.answer_prior(data).candidates
         if not answers:
@@ -157,10 +170,11 @@ class VQATask(SampleTask):
         return answers
 
     def eval_items(self, samples: EvalSamples, data: DataConfig) -> list[dict[str, Any]]:
+        """The question fields; the picture is prepared per batch in ``predict``."""
         prepare = Preparer(dataclasses.replace(data, task="vqa", train=False))
-        return [prepare(sample, random.Random(0)) | {"index": index,
-                                                     "human_answers": list(sample.extra.get("all_answers") or []),
-                                                     "answer_type": sample.extra.get("answer_type")}
+        return [prepare.question(sample) | {"index": index, "sample": sample,
+                                            "human_answers": list(sample.extra.get("all_answers") or []),
+                                            "answer_type": sample.extra.get("answer_type")}
                 for index, sample in samples]
 
     def _rank_inputs(self, data: DataConfig) -> tuple[list[str], torch.Tensor, torch.Tensor]:
@@ -175,15 +189,10 @@ class VQATask(SampleTask):
     def predict(self, module: nn.Module, items: list[dict[str, Any]], data: DataConfig,
                 device: torch.device) -> list[dict[str, Any]]:
         """``answer``: beam search over the fused image-question memory, or (mode=rank) the best candidate."""
-        cfg = self.cfg
-        batch = collate_vqa(items, data.max_len, data.answer_max_len)
-        tensors = {k: batch[k].to(device) for k in ("image", "question_ids", "question_mask")}
-        if cfg.mode == "rank":
-            candidates, ids, mask = self._rank_inputs(data)
-            answers = module.rank(tensors, candidates, ids.to(device), mask.to(device), cfg.k_test)
-        else:
-            answers = module.generate(tensors, BeamConfig(cfg.num_beams, cfg.min_length, cfg.max_length,
-                                                          cfg.length_penalty))
+        prepare = Preparer(dataclasses.replace(data, task="vqa", train=False))
+        visual = stack_visual([prepare.visual(it["sample"], random.Random(it["index"])) for it in items])
+        answers = self.answerer(module, data, device)(module.visual({k: v.to(device) for k, v in visual.items()}),
+                                                      items)
         return [{"answer": answer} for answer in answers]
 
     @torch.no_grad()
@@ -195,43 +204,69 @@ class VQATask(SampleTask):
         prior = self.answer_prior(data)
         predictions = predict_in_lockstep(self, module, items, data, batch_size, device,
                                           keep=("index", "question_id", "question", "human_answers", "answer_type"))
-        gathered = gather_to_rank0(predictions)
+        return self.scored(gather_to_rank0(predictions), prior)
+
+    def scored(self, gathered: list[list[dict[str, Any]]] | None, prior: AnswerPrior,
+               score: Callable[[str, Sequence[str]], float] = question_accuracy, key: str = "index") -> EvalResult:
+        """Rank 0: the metrics of every rank's predictions (merged by ``key``), the most frequent training answer's
+        baseline and the server-format results (an empty result on the other ranks)."""
         if gathered is None:
             return EvalResult()
-        merged = merge_predictions(gathered)
-        metrics = vqa_accuracy(merged)
+        merged = merge_predictions(gathered, key)
+        metrics = vqa_accuracy(merged, score)
         metrics["num_samples"] = float(len(merged))
         baseline_answer = prior.most_frequent
         if baseline_answer is None:  # no training annotations readable: the evaluation set's own most frequent
-            counts = Counter(normalize_answer(a) for p in merged for a in p["human_answers"])
+            counts = Counter(self.normalize(a) for p in merged for a in p["human_answers"])
             baseline_answer = counts.most_common(1)[0][0] if counts else ""
         self._baseline_answer = baseline_answer
-        base = vqa_accuracy([p | {"answer": baseline_answer} for p in merged])
+        base = vqa_accuracy([p | {"answer": baseline_answer} for p in merged], score)
         baseline = {"acc": base.get("acc", 0.0)} if "acc" in base else {}
         results = [{"question_id": p["question_id"], "answer": p["answer"]} for p in merged]
         return EvalResult(metrics=metrics, baseline=baseline, results=results, predictions=merged)
 
+    def answerer(self, module: VQAModel, data: DataConfig,
+                 device: torch.device) -> Callable[[torch.Tensor, list[dict[str, Any]]], list[str]]:
+        """``answer(visual tokens (Q, M, H), questions)`` → one answer per question, by ``task.options.mode``: ranking
+        the candidate answers or beam search (a fixed number of decoder forwards per call in rank mode, ranks in
+        lockstep in generate mode)."""
+        cfg = self.cfg
+        beam = BeamConfig(cfg.num_beams, cfg.min_length, cfg.max_length, cfg.length_penalty)
+        if cfg.mode == "rank":
+            candidates, answer_ids, answer_mask = self._rank_inputs(data)
+            answer_ids, answer_mask = answer_ids.to(device), answer_mask.to(device)
+
+        def answer(visual: torch.Tensor, questions: list[dict[str, Any]]) -> list[str]:
+            text = collate_questions(questions, data.max_len, data.answer_max_len)
+            memory, mask = module.memory(visual, text["question_ids"].to(device), text["question_mask"].to(device))
+            if cfg.mode == "rank":
+                return module.rank(memory, mask, candidates, answer_ids, answer_mask, cfg.k_test)
+            return module.generate(memory, mask, beam)
+
+        return answer
+
     def panel(self, sample: Sample, prediction: dict[str, Any]) -> Panel:
         human_answers = prediction.get("human_answers") or []  # none for a question of one's own
         if not human_answers:
-            return Panel(images=[sample.image], lines=[prediction["question"], f"answer: {prediction['answer']}"])
+            return Panel(images=picture(sample), lines=[prediction["question"], f"answer: {prediction['answer']}"])
         score = question_accuracy(prediction["answer"], human_answers)
         humans = Counter(human_answers).most_common(3)
-        return Panel(images=[sample.image], correct=score > 0,
+        return Panel(images=picture(sample), correct=score > 0,
                      lines=[prediction["question"], f"answer: {prediction['answer']} (accuracy {score:.2f})",
                             "annotators: " + ", ".join(f"{a} ×{n}" for a, n in humans)])
 
 
-def count_answers(data: DataConfig, cfg: VQAConfig) -> AnswerPrior:
-    """Weighted counts of the normalised answers of (up to ``train_scan_samples``) training questions."""
+def count_answers(data: DataConfig, cfg: VQAConfig, normalize: Callable[[str], str]) -> AnswerPrior:
+    """Weighted counts of the ``normalize``d answers of (up to ``train_scan_samples``) training samples (a video
+    sample's answers: one per question, weight 1)."""
     counts: Counter[str] = Counter()
     questions = 0
     for sample in training_annotations(data.sources, cfg.train_scan_samples):
         if not sample.answers:
             continue
-        questions += 1
+        questions += len(sample.texts) if sample.task == "video_qa" else 1
         weights = sample.answer_weights or [1.0 / len(sample.answers)] * len(sample.answers)
         for answer, weight in zip(sample.answers, weights):
-            counts[normalize_answer(answer)] += weight
+            counts[normalize(answer)] += weight
     ranked = [a for a, _ in counts.most_common(cfg.answer_list_size) if a]
     return AnswerPrior(ranked[0] if ranked else None, ranked, questions)

@@ -34,7 +34,9 @@ def write_shard(path: Path, samples: list[Sample], corrupt_jpeg: set[str] = froz
         for s in samples:
             record: dict[str, object] = {"__key__": s.key}
             record["json"] = b"{not json" if s.key in corrupt_json else s.meta_json()
-            if s.images:
+            if s.video is not None:
+                record["mp4"] = s.video
+            elif s.images:
                 record["left.jpg"], record["right.jpg"] = s.images
             elif s.image is not None:
                 record["jpg"] = b"\xff\xd8\xff\xe0garbage" if s.key in corrupt_jpeg else s.image

@@ -94,6 +94,8 @@ def test_a_task_without_its_head_is_refused_naming_what_the_checkpoint_holds(exp
     paths, texts = photos
     with pytest.raises(ValueError, match="holds no classification head: it is weights of unknown training"):
         mplug_ds.load(export).classify(paths, texts)
+    with pytest.raises(ValueError, match="'video_qa' predicts on videos .* answers images as 'vqa'"):
+        mplug_ds.load(export).predict("video_qa", paths, texts)
     assert predict_main([str(export), "--task", "ve", str(paths[0]), "--text", texts[0]]) == 2
     assert "holds no 've' head" in capsys.readouterr().err
     assert predict_main([str(export), "--task", "nlvr2", str(paths[0]), "--text", texts[0]]) == 2
@@ -104,14 +106,16 @@ def test_a_task_without_its_head_is_refused_naming_what_the_checkpoint_holds(exp
 def test_a_tasks_predictions_run_only_the_parts_it_declares_it_uses(name, photos):
     """``uses`` decides which never-trained parts refuse a task: every part its predictions run must be listed."""
     paths, texts = photos
-    task = build_task(name, {"num_beams": 1, "min_length": 1, "max_length": 3} if name in ("caption", "vqa") else None)
+    short = {"num_beams": 1, "min_length": 1, "max_length": 3}  # video tasks run on images here: the same parts
+    options = {"caption": short, "vqa": short, "video_caption": short, "video_qa": short | {"mode": "generate"}}
+    task = build_task(name, options.get(name))
     model = build_model("tiny").eval()
     ran = set()
     for part_name, part in model.named_children():
         part.register_forward_hook(lambda *_, part_name=part_name: ran.add(part_name))
     data = task_data_config(FinetuneConfig(), model.cfg, task, False, [])
     images = [Image.open(p).convert("RGB") for p in paths]
-    if name == "retrieval":
+    if name.endswith("retrieval"):
         task.rank(model, images, texts, data, 2, torch.device("cpu"))
     else:
         pairs = name == "nlvr2"

@@ -1,4 +1,6 @@
 """Retrieval: same-image positives, queue, hard negatives, and ITC top-k + ITM re-rank against brute force."""
+import statistics
+
 import pytest
 import torch
 
@@ -70,7 +72,8 @@ def test_recalls_and_chance():
     assert chance["ir_r5"] == pytest.approx(5.0) and 4.9 < chance["tr_r5"] < 5.0  # 5 draws without replacement
 
 
-def test_topk_rerank_matches_brute_force_on_one_rank():
+@pytest.mark.parametrize("add_itc", [False, True])
+def test_topk_rerank_matches_brute_force_on_one_rank(add_itc):
     torch.manual_seed(0)
     model = build_model("tiny").eval()
     n_images, captions = 7, [2, 3, 1, 2, 2, 1, 3]
@@ -81,13 +84,14 @@ def test_topk_rerank_matches_brute_force_on_one_rank():
         texts += caps
         ids, mask = tokenize(caps, 12)
         data.indices.append(i)
-        data.images.append(torch.randn(3, 64, 64))
+        data.images.append({"image": torch.randn(3, 64, 64)})
         data.text_ids.append(ids)
         data.text_mask.append(mask)
     k = 3
-    metrics, rankings = evaluate_retrieval(model, data, batch_size=4, k_test=k, device=torch.device("cpu"))
-    with torch.no_grad():  # brute force: every pair's ITC similarity and ITM logit
-        images = torch.stack(data.images)
+    metrics, rankings = evaluate_retrieval(model, data, batch_size=4, k_test=k, device=torch.device("cpu"),
+                                           add_itc=add_itc)
+    with torch.no_grad():  # brute force: every pair's ITC similarity and ITM logit (+ similarity: the video score)
+        images = torch.stack([d["image"] for d in data.images])
         ids, mask = torch.cat(data.text_ids), torch.cat(data.text_mask)
         tokens = model.encode_image(images)
         states = model.encode_text(ids, mask)
@@ -95,7 +99,7 @@ def test_topk_rerank_matches_brute_force_on_one_rank():
         itm = torch.zeros(n_images, len(texts))
         for i in range(n_images):
             _, fused = model.fuse(tokens[i:i + 1].expand(len(texts), -1, -1), states, mask)
-            itm[i] = model.itm_head(fused[:, 0])[:, 1]
+            itm[i] = model.itm_head(fused[:, 0])[:, 1] + (sim[i] if add_itc else 0)
     owner = [i for i, c in enumerate(captions) for _ in range(c)]
     expect_i2t = [sorted(sim[i].topk(k).indices.tolist(), key=lambda t, i=i: -itm[i, t]) for i in range(n_images)]
     expect_t2i = [sorted(sim[:, t].topk(k).indices.tolist(), key=lambda i, t=t: -itm[i, t]) for t in range(len(texts))]
@@ -104,3 +108,14 @@ def test_topk_rerank_matches_brute_force_on_one_rank():
     assert rankings["text_to_image"] == owner
     assert metrics == pytest.approx({**metrics, **retrieval_recalls(expect_i2t, expect_t2i, owner)})
     assert metrics["num_images"] == n_images and metrics["num_texts"] == len(texts)
+    # median / mean rank of the first positive: its place among the re-ranked k, else its place by similarity alone
+    i2t_ranks = [next((r + 1 for r, t in enumerate(expect_i2t[i]) if owner[t] == i), None)
+                 or 1 + int((sim[i] > sim[i, [t for t in range(len(texts)) if owner[t] == i]].max()).sum())
+                 for i in range(n_images)]
+    t2i_ranks = [expect_t2i[t].index(owner[t]) + 1 if owner[t] in expect_t2i[t]
+                 else 1 + int((sim[:, t] > sim[owner[t], t]).sum()) for t in range(len(texts))]
+    assert (metrics["tr_mdr"], metrics["tr_mnr"]) == pytest.approx((statistics.median(i2t_ranks),
+                                                                    statistics.fmean(i2t_ranks)))
+    assert (metrics["ir_mdr"], metrics["ir_mnr"]) == pytest.approx((statistics.median(t2i_ranks),
+                                                                    statistics.fmean(t2i_ranks)))
+    assert max(t2i_ranks) > k  # some first positives lie beyond the re-ranked candidates

@@ -1,9 +1,11 @@
 """Exact distributed evaluation of every task through ``launch/finetune.py`` (tiny model, odd-sized sets of 7).
 
 Two launches serve all tasks (tests/tasks/run_jobs.py runs many command lines per process): first 2 ranks evaluate
-grounding, retrieval, VQA and captioning from a random export and train NLVR2 and SNLI-VE one step (evaluating
-after it); then 1 rank evaluates the same four from the export, the two classifiers from their 2-rank training
-checkpoints and from exports of those checkpoints. Each task's test compares the 1-rank and 2-rank results.
+grounding, retrieval, VQA, captioning and the three video tasks from a random export and train NLVR2 and SNLI-VE
+one step (evaluating before and after it); then 1 rank evaluates the same seven from the export, the two classifiers from their
+2-rank training checkpoints and from exports of those checkpoints. Each task's test compares the 1-rank and 2-rank
+results. The video tasks evaluate in batches of 3 clips: the rank with 3 runs a filler batch beside the other's
+second.
 """
 import json
 import sys
@@ -18,16 +20,21 @@ from tests.tasks.classification_data import write_nlvr2_shards, write_ve_shards
 from tests.tasks.predict_checks import assert_predictor_matches
 from tests.tasks.task_data import (assert_predictions_picture, shard_overrides, write_export, write_grounding_shards,
                                    write_retrieval_shards, write_vqa_shards)
+from tests.video_data import write_video_shards
 from tools.export_checkpoint import main as export_main
 
 pytestmark = pytest.mark.slow
 
 RUN_JOBS = REPO / "tests" / "tasks" / "run_jobs.py"
-EVALUATED = ("grounding", "retrieval", "vqa", "caption")
+VIDEO = ("video_retrieval", "video_qa", "video_caption")
+EVALUATED = ("grounding", "retrieval", "vqa", "caption", *VIDEO)
 CLASSIFIERS = ("nlvr2", "ve")
 OPTIONS = {"grounding": ["task.options.loss_weighting=true"], "retrieval": ["task.options.k_test=10"],
            "vqa": ["task.options.max_length=4", "task.options.min_length=1"],
-           "caption": ["task.options.max_length=4", "task.options.min_length=1"]}
+           "caption": ["task.options.max_length=4", "task.options.min_length=1"],
+           "video_retrieval": ["task.options.k_test=10"], "video_qa": ["task.options.k_test=3"],
+           "video_caption": ["task.options.num_beams=2", "task.options.max_length=4", "task.options.min_length=1"]}
+VIDEO_DATA = ["eval.batch_size=3", "data.pipeline.num_frames=4", "model.overrides.video.max_frames=4"]
 
 
 def _run_jobs(path, jobs, ranks):
@@ -47,15 +54,19 @@ def runs(tmp_path_factory):
               "vqa": write_vqa_shards(root / "vqa", "v", [4, 3]),
               "caption": write_retrieval_shards(root / "caption", "c", [4, 3]),
               "nlvr2": write_nlvr2_shards(root / "nlvr2", "nlvr2", [4, 3], ["dev", "test"]),
-              "ve": write_ve_shards(root / "ve", "ve", [4, 3], ["dev", "test"])}
+              "ve": write_ve_shards(root / "ve", "ve", [4, 3], ["dev", "test"]),
+              "video_qa": write_video_shards(root / "video_qa", "video_qa", [4, 3])}
+    shards["video_retrieval"] = shards["video_caption"] = write_video_shards(root / "clips", "video_caption", [4, 3])
 
     def job(task, out, *args):
         return [task, ["--task", task, *shard_overrides(shards[task], shards[task]), "eval.batch_size=2",
-                       *OPTIONS.get(task, []), *args, f"run.output_dir={out}", "logging.progress_bar=false"]]
+                       *OPTIONS.get(task, []), *(VIDEO_DATA if task in VIDEO else []), *args, f"run.output_dir={out}",
+                       "logging.progress_bar=false"]]
 
     two = [job(t, root / "2" / t, "--evaluate", "--pretrained", str(export)) for t in EVALUATED]
     two += [job(t, root / "trained" / t, "--pretrained", str(export), "schedule.total_steps=1",
-                "schedule.warmup_steps=1", "batch.micro_batch_per_gpu=2", "optim.lr=1e-2") for t in CLASSIFIERS]
+                "schedule.warmup_steps=1", "batch.micro_batch_per_gpu=2", "optim.lr=1e-2", "eval.at_start=true")
+            for t in CLASSIFIERS]
     logs = {2: _run_jobs(root / "two.json", two, 2)}
     for task in CLASSIFIERS:
         assert export_main([str(root / "trained" / task), "--out", str(root / "export_trained" / task)]) == 0
@@ -76,6 +87,8 @@ def _both(runs, task):
         assert_predictions_picture(runs["logs"][ranks][task], runs["root"] / str(ranks) / task / "eval" / "evaluate.png")
     one, two = _result(runs, 1, task), _result(runs, 2, task)
     assert one["metrics"] == two["metrics"] and one["baseline"] == two["baseline"]
+    if task in VIDEO:  # mplug_ds.load reads images: tests/tasks/test_predictor.py checks its refusal
+        return one, two
     evaluated = runs["root"] / "1" / task / "eval" / "evaluate.json"  # mplug_ds.load predicts what it wrote
     assert_predictor_matches(task, runs["export"], evaluated, runs["shards"][task], evaluated.with_suffix(".config.yaml"))
     return one, two
@@ -124,11 +137,33 @@ def test_generation_on_two_ranks_equals_one_rank(runs, task):
         assert one["baseline"]["cider"] > 0
 
 
+@pytest.mark.parametrize("task", VIDEO)
+def test_video_task_on_two_ranks_equals_one_rank(runs, task):
+    one, two = _both(runs, task)
+    assert one["metrics"]["num_videos"] == 7
+    if task == "video_retrieval":  # the same candidates in the same order (scores may differ in the last bits)
+        assert {"t2v_r1", "v2t_r1", "t2v_mdr", "v2t_mnr", "itc_t2v_r1"} <= set(one["metrics"])
+        for key in ("image_to_texts", "text_to_images"):
+            assert [[c for c, _ in r] for r in one["results"][key]] == [[c for c, _ in r] for r in two["results"][key]]
+        return
+    assert one["results"] == two["results"]  # the same answer to every question, the same caption for every clip
+    if task == "video_qa":
+        assert one["metrics"]["num_scored"] == 13  # 1, 2, 3, 1, 2, 3, 1 questions
+        assert [r["question_id"] for r in one["results"]] == sorted(r["question_id"] for r in one["results"])
+        assert {"acc", "acc/what", "acc/which", "acc/is"} <= set(one["metrics"]) and 0 < one["baseline"]["acc"] <= 100
+    else:
+        assert {"bleu_4", "cider"} <= set(one["metrics"]) and one["baseline"]["cider"] > 0
+
+
 @pytest.mark.parametrize("task", CLASSIFIERS)
 def test_classifier_trained_on_two_ranks_evaluates_alike_on_one_and_from_its_export(runs, task):
-    """One training step on 2 ranks, evaluated there; again from its checkpoint and from its export on 1 rank."""
+    """One training step on 2 ranks, evaluated before it (eval.at_start, inside the watched loop) and after it;
+    again from its checkpoint and from its export on 1 rank."""
     assert_predictions_picture(runs["logs"][1][task], runs["root"] / "1" / task / "eval" / "evaluate.png")
     two = json.loads((runs["root"] / "trained" / task / "eval" / "step_00000001.json").read_text())
+    before = json.loads((runs["root"] / "trained" / task / "eval" / "step_00000000.json").read_text())
+    assert before["metrics"]["num_samples"] == 7 and before["baseline"] == two["baseline"]
+    assert "before fine-tuning" in runs["logs"][2][task]
     one = _result(runs, 1, task)
     assert one["metrics"] == two["metrics"] and one["metrics"]["num_samples"] == 7
     assert {"acc/dev", "acc/test"} <= set(one["metrics"])

@@ -39,7 +39,7 @@ def test_vqa_loss_is_the_weighted_summed_answer_nll_per_question(shards):
         expected = 0.0
         for it in items:  # one question at a time: Σ weight · Σ token NLL of "answer [SEP]"
             single = {k: v for k, v in collate_vqa([it], 16).items() if isinstance(v, torch.Tensor)}
-            memory, mask = module.memory(single)
+            memory, mask = module.memory(module.visual(single), single["question_ids"], single["question_mask"])
             for j, weight in enumerate(it["weights"]):
                 nll, _ = module.model.decoder.token_nll(single["answer_ids"][j:j + 1], single["answer_mask"][j:j + 1],
                                                         memory, mask)

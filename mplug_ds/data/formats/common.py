@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from mplug_ds.data.sample import Sample
+from mplug_ds.data.sample import VIDEO_EXTS, Sample
 
 # A box that the shard writer resolves to the whole stored image (used when the image size is not yet known).
 FULL_IMAGE_BOX: list[float] = [0.0, 0.0, math.inf, math.inf]
@@ -48,6 +48,7 @@ class ReaderArgs:
     dataset: str | None = None  # refcoco: refcoco | refcoco+ | refcocog; transvg: unc | unc+ | gref | ...
     split_by: str | None = None  # refcoco: unc | google | umd
     roots: dict[str, Path] = field(default_factory=dict)  # extra image roots by name (mplug-vqa: vg, gqa)
+    split_files: dict[str, Path] = field(default_factory=dict)  # msrvtt: split name → list of its video ids
 
     def image_root(self) -> Path:
         """The image directory (the current directory when none was given)."""
@@ -191,6 +192,25 @@ def first_existing(root: Path, candidates: Iterable[str | Path]) -> str:
         if path.is_file():
             return str(path)
     return str(paths[0])
+
+
+def video_file(root: Path, name: str, folders: Iterable[str] = ("",)) -> str:
+    """The video ``name`` under ``root`` (or one of its ``folders``): as given when it has a container suffix, else
+    the first existing ``name.<ext>`` of ``sample.VIDEO_EXTS`` (``name.mp4`` when none exists: the writer reports
+    it)."""
+    has_suffix = Path(name).suffix.lower().lstrip(".") in VIDEO_EXTS
+    names = [name] if has_suffix else [f"{name}.{ext}" for ext in VIDEO_EXTS]
+    return first_existing(root, [str(Path(folder) / n) for n in names for folder in folders])
+
+
+def split_in_name(path: Path) -> str | None:
+    """``train`` / ``val`` / ``test`` when the file name says so (``msrvtt_train.jsonl``, ``val_qa.json``)."""
+    words = set(re.split(r"[^a-z0-9]+", path.name.lower()))
+    for split, names in (("train", {"train", "training"}), ("val", {"val", "validate", "validation", "dev"}),
+                         ("test", {"test"})):
+        if words & names:
+            return split
+    return None
 
 
 def ann_name(path: Path) -> str:
