@@ -26,7 +26,7 @@ from mplug_ds.models.config import ModelConfig, load_model_config
 from mplug_ds.models.mplug import build_model
 from mplug_ds.runtime import safe_load
 from mplug_ds.runtime.atomic import atomic_path, atomic_write_text
-from mplug_ds.runtime.partitioned_ema import consolidate
+from mplug_ds.runtime.partitioned_ema import consolidate_shards
 
 MODEL_PREFIX = "model."  # PretrainModel and the task modules keep the online MPLUG as ``.model``
 STAGE0_MODEL_FILE = "mp_rank_00_model_states.pt"
@@ -132,7 +132,7 @@ def read_teacher(tag_dir: Path, trusted: bool = False) -> dict[str, torch.Tensor
     teacher's shards of every rank put together."""
     shards = shard_files(tag_dir)
     if shards:  # our own files: always read with the restricted unpickler
-        return consolidate(shards)
+        return consolidate_shards(shards)
     teacher_file = tag_dir / TEACHER_FILE
     if not teacher_file.exists():
         raise FileNotFoundError(f"{tag_dir} has no momentum teacher (objective.distill was off)")

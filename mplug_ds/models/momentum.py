@@ -16,7 +16,7 @@ from torch import nn
 from mplug_ds.models.mplug import MPLUG
 from mplug_ds.runtime import collectives
 from mplug_ds.runtime.master_weights import master_weight_source
-from mplug_ds.runtime.partitioned_ema import PartitionedEMA, consolidate
+from mplug_ds.runtime.partitioned_ema import PartitionedEMA, consolidate_shards
 from mplug_ds.runtime.zero_shards import zero_shards
 
 ParamSource = Callable[[str, nn.Parameter], torch.Tensor]
@@ -101,6 +101,6 @@ class MomentumTeacher:
     def load_shards(self, files: list[Path]) -> None:
         """Restore from the ``shard_state`` files of every rank of a run, on any number of ranks."""
         if self.partitioned is None:
-            self.model.load_state_dict(consolidate(files))
+            self.model.load_state_dict(consolidate_shards(files))
         else:
             self.partitioned.load_shard_files(files)

@@ -5,14 +5,15 @@ master partition (``runtime/zero_shards``). The update is then one ``lerp_`` per
 with no collective; the fp32 state per rank is 4 bytes × parameters / world size. The shadow module (the teacher)
 gets compute-dtype weights only to run:
 
-* ZeRO-1/2: one all-gather (``all_gather_single``) per group fills a flat buffer laid out like the optimizer's, whose views
-  are the shadow's parameters (a compute-dtype replica), at the shadow's first forward after an update;
+* ZeRO-1/2: one all-gather (``all_gather_single``) per group fills a flat buffer laid out like the optimizer's,
+  whose views are the shadow's parameters (a compute-dtype replica), at the shadow's first forward after an update;
 * ZeRO-3: each gather unit is gathered when its forward starts and freed when it returns. A unit is one top-level
   child of the shadow, or, for a child above ``bucket`` elements, each block of its layer lists (one transformer
   layer) and the rest of the child — FSDP's per-block wrapping.
 
 Every collective runs under ``collectives.part("teacher_forward")``. A rank's state (``state_dict``) is its shards and
-where each parameter's elements sit in them; ``read_shard_files`` restores it from the files of any number of ranks.
+where each parameter's elements sit in them; ``load_shard_files`` restores it from the files of any number of ranks
+and ``consolidate_shards`` puts them together into full tensors (export, a one-rank resume).
 """
 from __future__ import annotations
 
@@ -222,7 +223,7 @@ def iter_fragments(files: list[Path]) -> Iterator[tuple[str, int, torch.Tensor]]
             yield name, start, state["shards"][shard][local:local + length]
 
 
-def consolidate(files: list[Path]) -> dict[str, torch.Tensor]:
+def consolidate_shards(files: list[Path]) -> dict[str, torch.Tensor]:
     """Full fp32 values by name from the ``PartitionedEMA`` state files of every rank of a run."""
     shapes = safe_load.load(files[0], mmap=True)["shapes"]
     full = {name: torch.zeros(torch.Size(shape)).reshape(-1) for name, shape in shapes.items()}
