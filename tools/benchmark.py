@@ -11,8 +11,11 @@ mplug_ds/engine/flops.py), and peak memory. ``--baseline-attn`` measures a secon
 run and prints the ratio; ``--timix`` measures the TiMix step (patch-text alignment + mixed pass, one optimizer
 step) and the plain step in the same run and prints TiMix / plain step time (TFLOP/s and MFU count the plain
 step's FLOPs in both lines). Each timed step is the trainer's own ``Trainer.optimizer_step`` (schedule, forward,
-non-finite guard, backward, optimizer step, momentum update, step record). Batches are synthetic, padded like
-training batches (``--text-len`` tokens per caption) and resident on the device, so data loading is not measured
+non-finite guard, backward, optimizer step, momentum update, step record). On several ranks it also prints the
+communication of a step by part (ZeRO, teacher forward and update, ITA gathers, the loop's agreement), measured by
+the step's own accounting (``comm`` in metrics.jsonl), beside the analytic minimum for the stage
+(``objectives/plan.step_communication``). Batches are synthetic, padded like training batches (``--text-len`` tokens
+per caption) and resident on the device, so data loading is not measured
 (tools/benchmark_data.py measures the loader).
 """
 from __future__ import annotations
@@ -23,12 +26,15 @@ import itertools
 import json
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from mplug_ds.engine.flops import TextLengths, device_peak_tflops, pretrain_flops_per_sample
 from mplug_ds.engine.logging import peak_memory_gb
+from mplug_ds.objectives.plan import step_communication
 from mplug_ds.objectives.pretrain_config import load_train_config, validate
+from mplug_ds.runtime.collectives import traffic_bytes
 from mplug_ds.runtime.guards import StopRequest
 from mplug_ds.runtime.launch_env import prepare_world_env
 
@@ -115,8 +121,43 @@ def measure(args: argparse.Namespace, attn: str, world, out_dir: str, timix: boo
         "gflop_per_sample": flops / 1e9, "tflops_per_device": tflops_per_device,
         "mfu": tflops_per_device / peak if peak else None, "peak_memory_gb": peak_memory_gb(engine.device),
     }
+    if world.rank == 0:
+        result["comm"] = measured_communication(f"{out_dir}/metrics.jsonl", args.steps, world.world_size)
+        result["comm_minimum"] = step_communication(cfg, resolved.model, world.world_size)
     engine.destroy()
     return result
+
+
+def measured_communication(metrics: str, steps: int, world_size: int) -> dict[str, dict[str, float]]:
+    """Per optimizer step over the timed steps, by part: collectives, buffer bytes and bytes one rank sends
+    (``traffic_bytes``), from the step records' ``comm`` accounting."""
+    records = [json.loads(line) for line in Path(metrics).read_text().splitlines()]
+    timed = [r["comm"] for r in records if r.get("event") == "step"][-steps:]
+    out: dict[str, dict[str, float]] = {}
+    for comm in timed:
+        for part, kinds in comm.items():
+            entry = out.setdefault(part, {"calls": 0.0, "bytes": 0.0, "sent": 0.0})
+            for kind, c in kinds.items():
+                entry["calls"] += c["calls"] / len(timed)
+                entry["bytes"] += c["bytes"] / len(timed)
+                entry["sent"] += traffic_bytes(kind, c["bytes"], world_size) / len(timed)
+    return out
+
+
+def communication_table(result: dict) -> str:
+    """Bytes per optimizer step by part, measured beside the analytic minimum for the stage."""
+    measured, minimum = result["comm"], result["comm_minimum"]
+    lines = [f"communication per optimizer step (rank 0, mean of {result['steps']} steps; buffer bytes as recorded, "
+             "sent = what one rank sends with ring collectives):",
+             f"  {'part':<16} {'collectives':>11} {'buffer MiB':>11} {'sent MiB':>9} {'minimum MiB':>12}"]
+    for part in sorted(set(measured) | set(minimum)):
+        m = measured.get(part, {"calls": 0, "bytes": 0, "sent": 0})
+        least = f"{minimum[part] / 2**20:12.3f}" if part in minimum else f"{'-':>12}"
+        lines.append(f"  {part:<16} {m['calls']:11.1f} {m['bytes'] / 2**20:11.3f} {m['sent'] / 2**20:9.3f} {least}")
+    total = sum(m["bytes"] for m in measured.values())
+    lines.append(f"  {'all':<16} {sum(m['calls'] for m in measured.values()):11.1f} {total / 2**20:11.3f} "
+                 f"{sum(m['sent'] for m in measured.values()) / 2**20:9.3f} {sum(minimum.values()) / 2**20:12.3f}")
+    return "\n".join(lines)
 
 
 def report(result: dict, as_json: bool) -> str:
@@ -150,6 +191,8 @@ def main() -> None:
         return
     for result in results:
         print(report(result, args.json), flush=True)
+        if world.world_size > 1 and not args.json:
+            print(communication_table(result), flush=True)
     if args.timix:
         timix, plain = results[0], results[1]
         print(f"TiMix vs plain ({args.model}, same run): {timix['step_time_s'] / plain['step_time_s']:.2f}x step time, "

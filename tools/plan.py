@@ -7,8 +7,8 @@
     python tools/plan.py --config base --world-size 16 deepspeed.config=zero3 batch.micro_batch_per_gpu=32
 
 Prints per-device memory by kind (parameters, gradients, optimizer state, momentum teacher, ZeRO buffers,
-activations, runtime), the initialisation peak (the full fp32 model and teacher on every rank before DeepSpeed
-partitions them), offloaded host memory, and the analytic communication per optimizer step by part. ``--fit GIB``
+activations, runtime), the initialisation peak (DeepSpeed building its state while the fp32 teacher replica still
+exists; on a CPU device also the full fp32 model the recipe builds), host memory at start and offloaded host memory, and the analytic communication per optimizer step by part. ``--fit GIB``
 answers the largest micro-batch whose predicted peak fits in GIB per device, or why none does and by how much.
 ``--device cpu`` predicts the resident memory of a CPU run (what the trainer logs as peak_mem_gb there).
 """
@@ -74,9 +74,11 @@ def format_plan(plan: Plan, title: str) -> str:
     lines.append(f"  {'predicted peak':<28} {plan.peak / GIB:8.2f}")
     if plan.host:
         lines.append(f"  {'offloaded to host memory':<28} {plan.host / GIB:8.2f}")
+    if plan.init_host:
+        lines.append(f"  {'host memory at start':<28} {plan.init_host / GIB:8.2f}   (per rank: fp32 model and teacher)")
     lines.append("communication per optimizer step (analytic minimum, buffer bytes)")
-    for part, entry in plan.comm.items():
-        lines.append(f"  {part:<28} {entry['bytes'] / 2**20:10.1f} MiB in {int(entry['calls'])} collective(s)")
+    for part, size in plan.comm.items():
+        lines.append(f"  {part:<28} {size / 2**20:12.3f} MiB")
     if not plan.comm:
         lines.append("  none (one rank)")
     lines += [f"note: {note}" for note in plan.notes]

@@ -256,8 +256,8 @@ def epoch_segments(cfg: DataConfig, epoch: int, world_size: int, num_workers: in
         return [[Segment(url) for url in urls[rank::world_size][worker::num_workers]]
                 for rank in range(world_size) for worker in range(num_workers)]
     if counts is None:
-        raise ValueError(f"{len(urls)} shards cannot feed {world_size} ranks × {num_workers} workers whole: give every "
-                         "source a manifest (streams then share shards by sample), write more, smaller shards "
+        raise ValueError(f"{len(urls)} shards cannot feed {world_size} ranks × {num_workers} workers whole: give "
+                         "every source a manifest (streams then share shards by sample), write more, smaller shards "
                          "(tools/make_shards.py) or lower data.num_workers")
     sizes = [counts[Path(url).name] for url in urls]
     total = sum(sizes)

@@ -51,15 +51,16 @@ class MomentumTeacher:
         return GROUP_KEY if id(param) in self._followed else ""
 
     def attach(self, engine: Any) -> None:
-        """After ``deepspeed.initialize``: move to the engine's device; under ZeRO on several ranks, partition."""
-        self.model.to(engine.device)
+        """After ``deepspeed.initialize``: under ZeRO on several ranks, partition (from the fp32 copy where it was
+        built, so the full copy never reaches the device); then move to the engine's device."""
         stage, world = int(engine.zero_optimization_stage()), engine.dp_world_size
         if stage == 0 or world == 1 or any(not p.requires_grad for _, _, p in self.pairs):
             self._source = master_weight_source()  # the replicated teacher of a one-rank / stage-0 run
-            return
-        bucket = int(engine.zero_prefetch_bucket_size()) if stage == 3 else 0
-        self.partitioned = PartitionedEMA(self.model, self.pairs, zero_shards(engine.optimizer, stage),
-                                          engine.device, bucket)
+        else:
+            bucket = int(engine.zero_prefetch_bucket_size()) if stage == 3 else 0
+            self.partitioned = PartitionedEMA(self.model, self.pairs, zero_shards(engine.optimizer, stage),
+                                              engine.device, bucket)
+        self.model.to(engine.device)
 
     @torch.no_grad()
     def update(self, source: ParamSource | None = None, momentum: float | None = None) -> None:

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mplug_ds.runtime import collectives, safe_load
-from mplug_ds.runtime.zero_shards import Group, Slot, ZeroShards, full_shape
+from mplug_ds.runtime.zero_shards import Slot, ZeroShards, full_shape
 
 PART = "teacher_forward"
 

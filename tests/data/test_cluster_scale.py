@@ -127,7 +127,8 @@ def test_resampled_streams_stay_in_step_and_draw_shards_evenly(manifest):
             draws = resampled_shards(cfg.sources[0], urls, cfg.seed, 0, rank, worker)
             firsts.append(tuple(next(draws) for _ in range(10)))
     assert len(set(firsts)) == OLD_RANKS * WORKERS  # no two of the 4,096 workers read the same shard sequence
-    hits = np.bincount([urls.index(u) for seq in firsts for u in seq], minlength=SHARDS)
+    where = {url: i for i, url in enumerate(urls)}
+    hits = np.bincount([where[u] for seq in firsts for u in seq], minlength=SHARDS)
     assert hits.min() >= 3 and hits.max() <= 45  # ~20 draws per shard (binomial spread)
     states = stopped_positions(cfg, None, resampled=True)  # stopped inside epoch 0
     resumed = ShardLoader(cfg, 0, NEW_RANKS)
