@@ -20,6 +20,17 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def range_over_ranks(values: list[int], device: torch.device | str = "cpu") -> tuple[list[int], list[int]]:
+    """The smallest and the largest of each of ``values`` over all ranks, in one all-reduce (equal lists when every
+    rank holds the same values)."""
+    if get_world_size() == 1:
+        return list(values), list(values)
+    t = torch.tensor([*values, *(-v for v in values)], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    n = len(values)
+    return [-v for v in t[n:].tolist()], t[:n].tolist()
+
+
 class _GatherLocalGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:

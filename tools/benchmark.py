@@ -5,6 +5,8 @@
         --attn sdpa --baseline-attn eager
     deepspeed --num_gpus 8 tools/benchmark.py --model mplug.en.large --zero 3 --batch 32 --steps 20
     python tools/benchmark.py --model mplug.en.base --batch 64 --steps 20 --timix
+    python tools/benchmark.py --model tiny --steps 20 --watchdog
+    deepspeed --num_gpus 2 tools/benchmark.py --model tiny --steps 20 --check-collectives
 
 Prints samples/s, step time, achieved TFLOP/s and MFU (FLOPs counted analytically from the config, see
 mplug_ds/engine/flops.py), and peak memory. ``--baseline-attn`` measures a second attention backend in the same
@@ -15,15 +17,19 @@ non-finite guard, backward, optimizer step, momentum update, step record). On se
 communication of a step by part (ZeRO, teacher forward and update, ITA gathers, the loop's agreement), measured by
 the step's own accounting (``comm`` in metrics.jsonl), beside the analytic minimum for the stage
 (``objectives/plan.step_communication``). Batches are synthetic, padded like training batches (``--text-len`` tokens
-per caption) and resident on the device, so data loading is not measured
-(tools/benchmark_data.py measures the loader).
+per caption) and resident on the device, so data loading is not measured (tools/benchmark_data.py measures the
+loader). ``--watchdog`` times blocks of ``--steps`` steps with the hang watchdog off and on in turn (``--repeats``
+pairs, the same engine) and prints the on / off step time; ``--check-collectives`` measures a second engine with
+``run.check_collectives`` (2+ ranks) and prints its step time / the plain one's.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import itertools
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -39,7 +45,8 @@ from mplug_ds.runtime.guards import StopRequest
 from mplug_ds.runtime.launch_env import prepare_world_env
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (``argv``: these arguments instead of ``sys.argv``, as tools/gpu_check.py passes them)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="model config name or YAML path")
     parser.add_argument("--zero", type=int, default=2, choices=(1, 2, 3), help="ZeRO stage")
@@ -58,20 +65,28 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--timix", action="store_true",
                         help="time the TiMix step (alignment + mixing, fused) and the plain step in this run and "
                              "print the step-time ratio; region batches: batch/8 images × 4 phrases")
+    parser.add_argument("--watchdog", action="store_true",
+                        help="also time the step with the hang watchdog running, in blocks alternating with it off")
+    parser.add_argument("--repeats", type=int, default=3, help="--watchdog: pairs of (off, on) blocks")
+    parser.add_argument("--check-collectives", action="store_true",
+                        help="also measure with run.check_collectives=true (the divergence check; 2+ ranks)")
     parser.add_argument("--json", action="store_true", help="print one JSON line per measurement")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
-def measure(args: argparse.Namespace, attn: str, world, out_dir: str, timix: bool = False) -> dict:
+def measure(args: argparse.Namespace, attn: str, world, out_dir: str, timix: bool = False,
+            check: bool = False, watchdog_pairs: int = 0) -> dict:
     """Build the engine for one configuration and time ``args.steps`` optimizer steps of the trainer's own step
-    (``timix``: with TiMix on and γ = 1 from the first step, so every timed step mixes)."""
+    (``timix``: with TiMix on and γ = 1 from the first step, so every timed step mixes; ``check``: with the
+    divergence check); then ``watchdog_pairs`` pairs of blocks with the hang watchdog off, then on."""
     from mplug_ds.engine.trainer import Trainer
     from mplug_ds.objectives.timix_recipe import pretrain_recipe
 
     precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
     ds = "zero3_offload" if args.offload else f"zero{args.zero}"
-    total = args.warmup + args.steps + 1  # never the last step: no end-of-run progress line
+    blocks = 1 + 2 * watchdog_pairs
+    total = args.warmup + blocks * args.steps + 1  # never the last step: no end-of-run progress line
     cfg = load_train_config("synthetic_tiny", [
         f"model.name={args.model}", f"model.overrides.attn_backend={attn}",
         f"model.overrides.grad_checkpointing={str(args.grad_checkpointing).lower()}",
@@ -81,28 +96,39 @@ def measure(args: argparse.Namespace, attn: str, world, out_dir: str, timix: boo
         f"schedule.total_steps={total}", f"schedule.warmup_steps={min(2, total)}", f"logging.every_steps={total}",
         "logging.progress_bar=false", f"run.output_dir={out_dir}",
         *(["timix.enabled=true", "timix.gamma_ramp_steps=0", f"timix.region_images_per_gpu={max(1, args.batch // 8)}"]
-          if timix else [])])
+          if timix else []), *(["run.check_collectives=true"] if check else [])])
     resolved = validate(cfg, world.world_size)
     trainer = Trainer(cfg, resolved, world, pretrain_recipe(cfg, resolved))
     engine = trainer.engine
-    batch = {k: v.to(engine.device) for k, v in next(iter(trainer.stream)).items()}  # resident: no copy per step
-    data = itertools.repeat(batch)
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     stop = StopRequest()
-    try:
+
+    def timed(watched: bool) -> float:
+        with trainer.watching() if watched else contextlib.nullcontext():
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                trainer.optimizer_step(data, stop)
+            sync()
+            return time.perf_counter() - start
+
+    try:  # the engine is destroyed however this ends (a caller may retry a smaller batch after running out of memory)
+        batch = {k: v.to(engine.device) for k, v in next(iter(trainer.stream)).items()}  # resident: no copy per step
+        data = itertools.repeat(batch)
         for _ in range(args.warmup):
             trainer.optimizer_step(data, stop)
         sync()
         if engine.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(engine.device)
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            trainer.optimizer_step(data, stop)
-        sync()
-        elapsed = time.perf_counter() - start
+        elapsed = timed(False)
+        pairs = [(timed(False), timed(True)) for _ in range(watchdog_pairs)]
+        zero_stage, peak_memory = engine.zero_optimization_stage(), peak_memory_gb(engine.device)
+        checked = trainer.divergence is not None
     finally:
         stop.restore()
         trainer.logger.close()
+        if trainer.divergence is not None:
+            trainer.divergence.close()
+        engine.destroy()
 
     lengths = TextLengths(text=batch["text_ids"].shape[1], prefix=batch["prefix_ids"].shape[1],
                           target=batch["target_ids"].shape[1])
@@ -113,26 +139,30 @@ def measure(args: argparse.Namespace, attn: str, world, out_dir: str, timix: boo
     device_name = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"
     peak = device_peak_tflops(device_name) if engine.device.type == "cuda" else None
     result = {
-        "model": args.model, "timix": timix, "attn": attn, "zero": engine.zero_optimization_stage(), "offload": args.offload,
+        "model": args.model, "timix": timix, "attn": attn, "zero": zero_stage, "offload": args.offload,
         "precision": precision, "grad_checkpointing": args.grad_checkpointing, "batch_per_device": args.batch,
         "world_size": world.world_size, "device": device_name, "steps": args.steps,
         "text_len": lengths.text, "skipped_batches": trainer.state.skipped_batches,
         "step_time_s": elapsed / args.steps, "samples_per_s": samples_per_s,
         "gflop_per_sample": flops / 1e9, "tflops_per_device": tflops_per_device,
-        "mfu": tflops_per_device / peak if peak else None, "peak_memory_gb": peak_memory_gb(engine.device),
+        "mfu": tflops_per_device / peak if peak else None, "peak_memory_gb": peak_memory,
+        "check_collectives": checked,
     }
-    if world.rank == 0:
-        result["comm"] = measured_communication(f"{out_dir}/metrics.jsonl", args.steps, world.world_size)
+    if pairs:
+        result["watchdog_off_step_time_s"] = statistics.median(off for off, _ in pairs) / args.steps
+        result["watchdog_on_step_time_s"] = statistics.median(on for _, on in pairs) / args.steps
+    if world.rank == 0 and world.world_size > 1:  # the first timed block (the watchdog's blocks follow it)
+        result["comm"] = measured_communication(f"{out_dir}/metrics.jsonl", args.warmup + 1, args.steps,
+                                                world.world_size)
         result["comm_minimum"] = step_communication(cfg, resolved.model, world.world_size)
-    engine.destroy()
     return result
 
 
-def measured_communication(metrics: str, steps: int, world_size: int) -> dict[str, dict[str, float]]:
-    """Per optimizer step over the timed steps, by part: collectives, buffer bytes and bytes one rank sends
-    (``traffic_bytes``), from the step records' ``comm`` accounting."""
+def measured_communication(metrics: str, first: int, steps: int, world_size: int) -> dict[str, dict[str, float]]:
+    """Per optimizer step over steps ``first`` .. ``first + steps - 1``, by part: collectives, buffer bytes and bytes
+    one rank sends (``traffic_bytes``), from the step records' ``comm`` accounting."""
     records = [json.loads(line) for line in Path(metrics).read_text().splitlines()]
-    timed = [r["comm"] for r in records if r.get("event") == "step"][-steps:]
+    timed = [r["comm"] for r in records if r.get("event") == "step" and first <= r["step"] < first + steps]
     out: dict[str, dict[str, float]] = {}
     for comm in timed:
         for part, kinds in comm.items():
@@ -166,6 +196,7 @@ def report(result: dict, as_json: bool) -> str:
         return json.dumps(result)
     mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a (no known peak for this device)"
     name = f"{result['model']} +TiMix" if result["timix"] else result["model"]
+    name += " +check_collectives" if result["check_collectives"] else ""
     return (f"{name} attn={result['attn']} zero={result['zero']} {result['precision']} "
             f"batch={result['batch_per_device']}x{result['world_size']} on {result['device']}: "
             f"{result['samples_per_s']:.2f} samples/s, {1000 * result['step_time_s']:.1f} ms/step, "
@@ -176,17 +207,20 @@ def report(result: dict, as_json: bool) -> str:
 def main() -> None:
     args = parse_args()
     world = prepare_world_env()
-    runs = [(args.attn, True), (args.attn, False)] if args.timix else [(args.attn, False)]
+    runs = [(args.attn, True, False), (args.attn, False, False)] if args.timix else [(args.attn, False, False)]
     if args.baseline_attn:
-        runs.append((args.baseline_attn, False))
+        runs.append((args.baseline_attn, False, False))
+    if args.check_collectives:
+        runs.append((args.attn, False, True))
     results = []
     with tempfile.TemporaryDirectory(prefix="mplug_ds-benchmark-") as out_dir:
-        for i, (attn, timix) in enumerate(runs):
+        for i, (attn, timix, check) in enumerate(runs):
             if results:
                 gc.collect()  # release the previous engine before building the next
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-            results.append(measure(args, attn, world, f"{out_dir}/{i}", timix))
+            pairs = args.repeats if args.watchdog and i == 0 else 0
+            results.append(measure(args, attn, world, f"{out_dir}/{i}", timix, check, pairs))
     if world.rank != 0:
         return
     for result in results:
@@ -197,8 +231,19 @@ def main() -> None:
         timix, plain = results[0], results[1]
         print(f"TiMix vs plain ({args.model}, same run): {timix['step_time_s'] / plain['step_time_s']:.2f}x step time, "
               f"{timix['peak_memory_gb'] / max(plain['peak_memory_gb'], 1e-9):.2f}x peak memory", flush=True)
+    if args.watchdog:
+        r = results[0]
+        on, off = r["watchdog_on_step_time_s"], r["watchdog_off_step_time_s"]
+        print(f"hang watchdog on vs off ({args.repeats} interleaved pairs of {args.steps} steps, same engine): "
+              f"{on / off:.3f}x step time ({1000 * on:.1f} vs {1000 * off:.1f} ms, medians)", flush=True)
+    plain = results[1] if args.timix else results[0]
+    if args.check_collectives:
+        checked = results[-1]
+        print(f"run.check_collectives vs off: {checked['step_time_s'] / plain['step_time_s']:.3f}x step time"
+              + ("" if checked["check_collectives"] else " (one rank: the check compares ranks, so it is not on)"),
+              flush=True)
     if args.baseline_attn:
-        first, baseline = results[-2], results[-1]
+        first, baseline = plain, results[results.index(plain) + 1]
         ratio = first["samples_per_s"] / baseline["samples_per_s"]
         memory = first["peak_memory_gb"] / max(baseline["peak_memory_gb"], 1e-9)
         print(f"{args.attn} vs {args.baseline_attn}: {ratio:.2f}x samples/s, {memory:.2f}x peak memory", flush=True)

@@ -59,6 +59,10 @@ class Preparer:
     def __call__(self, sample: Sample, rng: random.Random) -> dict[str, Any]:
         return getattr(self, f"_{self.cfg.task}")(sample, rng)
 
+    def image(self, sample: Sample, rng: random.Random) -> torch.Tensor:
+        """The sample's image through this preparation's image transform alone (what captioning evaluates)."""
+        return self.transform(_image(sample), rng)
+
     def _caption(self, sample: Sample, rng: random.Random) -> dict[str, Any]:
         words = _caption_words(sample, self.cfg, rng)
         prefix, target = split_prefix(words, rng)
@@ -88,21 +92,22 @@ class Preparer:
             raise ValueError("no question in texts")
         if self.cfg.train and not sample.answers:
             raise ValueError("training VQA sample without answers")
-        weights = sample.answer_weights or [1.0 / len(sample.answers)] * len(sample.answers)
+        weights = sample.answer_weights or [1.0 / max(1, len(sample.answers))] * len(sample.answers)
         return {"key": sample.key, "image": self.transform(_image(sample), rng),
                 "question": pre_question(sample.texts[0], self.cfg.max_words),
                 "answers": list(sample.answers), "weights": list(weights),
                 "question_id": sample.extra.get("question_id", sample.key)}
 
     def _grounding(self, sample: Sample, rng: random.Random) -> dict[str, Any]:
-        if not sample.texts or not sample.boxes:
+        # Evaluation prepares samples without a box too (an expression to ground): box and gt_box are then None.
+        if not sample.texts or (self.cfg.train and not sample.boxes):
             raise ValueError("grounding sample needs texts[0] (expression) and boxes[0]")
         original = _image(sample)
-        image, box, text = grounding_transform(original, sample.boxes[0], sample.texts[0],
+        truth = list(sample.boxes[0]) if sample.boxes else None
+        image, box, text = grounding_transform(original, truth, sample.texts[0],
                                                self.cfg.image_res, self.cfg.train, rng, self.cfg.augment)
         return {"key": sample.key, "image": image, "box": box, "text": pre_caption(text, self.cfg.max_words),
-                "gt_box": list(sample.boxes[0]), "image_size": (original.width, original.height),
-                "split": sample.split}
+                "gt_box": truth, "image_size": [original.width, original.height], "split": sample.split}
 
     def _retrieval(self, sample: Sample, rng: random.Random) -> dict[str, Any]:
         texts = [c for c in (pre_caption(t, self.cfg.max_words) for t in sample.texts) if c]
@@ -113,20 +118,25 @@ class Preparer:
                 "texts": texts, "image_idx": image_index(group)}
 
     def _nlvr2(self, sample: Sample, rng: random.Random) -> dict[str, Any]:
-        if len(sample.images) != 2 or not sample.texts or sample.label is None:
+        # Evaluation prepares unlabelled samples too (a statement to classify): their label is None.
+        if len(sample.images) != 2 or not sample.texts or (self.cfg.train and sample.label is None):
             raise ValueError("nlvr2 sample needs .left.jpg/.right.jpg, texts[0] and label")
         left, right = sample.images
         text = sample.texts[0]
         if self.cfg.train and rng.random() < 0.5:  # swapping the pair mirrors the scene: swap the words too
             left, right, text = right, left, swap_left_right(text)
         return {"key": sample.key, "image0": self.transform(left, rng), "image1": self.transform(right, rng),
-                "text": pre_caption(text, self.cfg.max_words), "label": int(sample.label)}
+                "text": pre_caption(text, self.cfg.max_words), "label": _label(sample)}
 
     def _ve(self, sample: Sample, rng: random.Random) -> dict[str, Any]:
-        if not sample.texts or sample.label is None:
+        if not sample.texts or (self.cfg.train and sample.label is None):
             raise ValueError("ve sample needs texts[0] (hypothesis) and label")
         return {"key": sample.key, "image": self.transform(_image(sample), rng),
-                "text": pre_caption(sample.texts[0], self.cfg.max_words), "label": int(sample.label)}
+                "text": pre_caption(sample.texts[0], self.cfg.max_words), "label": _label(sample)}
+
+
+def _label(sample: Sample) -> int | None:
+    return None if sample.label is None else int(sample.label)
 
 
 def tokenize(texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,14 +184,18 @@ def collate_vqa(items: list[dict[str, Any]], max_len: int = 30, answer_max_len: 
 
 
 def collate_grounding(items: list[dict[str, Any]], max_len: int = 30) -> dict[str, Any]:
-    """Grounding batch: padded image, text ids/mask, box (B,4) normalised (cx, cy, w, h) of the padded image;
-    for evaluation also gt_box (B,4) xyxy and image_size (B,2) (width, height) in original pixels, and splits."""
+    """Grounding batch: padded image, text ids/mask, image_size (B,2) (width, height) in original pixels, splits;
+    when every item has its box: box (B,4) normalised (cx, cy, w, h) of the padded image and gt_box (B,4) xyxy in
+    original pixels."""
     ids, mask = tokenize([it["text"] for it in items], max_len)
-    return {"keys": [it["key"] for it in items], "image": torch.stack([it["image"] for it in items]),
-            "text_ids": ids, "text_mask": mask, "box": torch.stack([it["box"] for it in items]),
-            "gt_box": torch.tensor([it["gt_box"] for it in items], dtype=torch.float32),
-            "image_size": torch.tensor([it["image_size"] for it in items], dtype=torch.long),
-            "split": [it["split"] for it in items]}
+    batch = {"keys": [it["key"] for it in items], "image": torch.stack([it["image"] for it in items]),
+             "text_ids": ids, "text_mask": mask,
+             "image_size": torch.tensor([it["image_size"] for it in items], dtype=torch.long),
+             "split": [it["split"] for it in items]}
+    if all(it["box"] is not None for it in items):
+        batch["box"] = torch.stack([it["box"] for it in items])
+        batch["gt_box"] = torch.tensor([it["gt_box"] for it in items], dtype=torch.float32)
+    return batch
 
 
 def collate_retrieval(items: list[dict[str, Any]], max_len: int = 30) -> dict[str, Any]:
@@ -192,18 +206,27 @@ def collate_retrieval(items: list[dict[str, Any]], max_len: int = 30) -> dict[st
 
 
 def collate_nlvr2(items: list[dict[str, Any]], max_len: int = 30) -> dict[str, Any]:
-    """NLVR2 batch: image0, image1 (B,3,R,R), text ids/mask, label (B,)."""
+    """NLVR2 batch: image0, image1 (B,3,R,R), text ids/mask, label (B,) when every item has one."""
     ids, mask = tokenize([it["text"] for it in items], max_len)
-    return {"keys": [it["key"] for it in items], "image0": torch.stack([it["image0"] for it in items]),
-            "image1": torch.stack([it["image1"] for it in items]), "text_ids": ids, "text_mask": mask,
-            "label": torch.tensor([it["label"] for it in items])}
+    return _with_labels(items, {"keys": [it["key"] for it in items],
+                                "image0": torch.stack([it["image0"] for it in items]),
+                                "image1": torch.stack([it["image1"] for it in items]), "text_ids": ids,
+                                "text_mask": mask})
 
 
 def collate_ve(items: list[dict[str, Any]], max_len: int = 30) -> dict[str, Any]:
-    """SNLI-VE batch: image, hypothesis ids/mask, label (B,) (0 contradiction, 1 neutral, 2 entailment)."""
+    """SNLI-VE batch: image, hypothesis ids/mask, label (B,) (0 contradiction, 1 neutral, 2 entailment) when every
+    item has one."""
     ids, mask = tokenize([it["text"] for it in items], max_len)
-    return {"keys": [it["key"] for it in items], "image": torch.stack([it["image"] for it in items]),
-            "text_ids": ids, "text_mask": mask, "label": torch.tensor([it["label"] for it in items])}
+    return _with_labels(items, {"keys": [it["key"] for it in items],
+                                "image": torch.stack([it["image"] for it in items]), "text_ids": ids,
+                                "text_mask": mask})
+
+
+def _with_labels(items: list[dict[str, Any]], batch: dict[str, Any]) -> dict[str, Any]:
+    if all(it["label"] is not None for it in items):
+        batch["label"] = torch.tensor([it["label"] for it in items])
+    return batch
 
 
 def collate(items: list[dict[str, Any]], cfg: DataConfig) -> dict[str, Any]:

@@ -66,6 +66,14 @@ class DataConfig(StreamConfig):
     max_len: int = 30  # text tokens including [CLS] and [SEP]
 
 
+def check_full_batches(cfg: StreamConfig, where: str) -> None:
+    """A training stream keeps ``drop_last``: a worker's short last batch would give the ranks different batch sizes
+    (the contrastive all-gathers need one size on every rank) and can hold fewer than the 2 samples ITM needs."""
+    if not cfg.drop_last:
+        raise ValueError(f"{where}.drop_last must be true for training: a short last batch on one rank gives the "
+                         "ranks different batch sizes, which the contrastive all-gather cannot combine")
+
+
 def image_limits(cfg: StreamConfig) -> ImageLimits:
     """The image size limits of a data config."""
     return ImageLimits(cfg.max_image_pixels, cfg.max_image_aspect)

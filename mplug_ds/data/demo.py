@@ -39,7 +39,8 @@ SHAPES = ("circle", "square", "triangle", "diamond")
 POSITIONS: dict[str, tuple[int, int]] = {"left": (0, 1), "right": (2, 1), "top": (1, 0), "bottom": (1, 2),
                                          "center": (1, 1)}  # (column, row) in a 3x3 grid
 TEXTURES = ("plain", "striped", "checkered", "dotted", "noisy")
-BACKGROUNDS = ((205, 205, 205), (228, 218, 195), (198, 212, 226), (210, 225, 205))
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {"grey": (205, 205, 205), "beige": (228, 218, 195),
+                                                "light blue": (198, 212, 226), "light green": (210, 225, 205)}
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 PLACE_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
                  "center": "in the center"}
@@ -90,6 +91,7 @@ class Scene:
     texture: str
     groups: list[Group]
     size: int
+    background: str = "grey"  # a key of BACKGROUNDS
     captions: list[str] = field(default_factory=list)
 
     @property
@@ -139,7 +141,7 @@ def make_scene(rng: random.Random, image_id: int, split: str, size: int) -> Scen
             y0 = min(max(int(cy - side / 2), 0), size - side)
             shapes.append(Shape(color, kind, (x0, y0, x0 + side, y0 + side)))
         groups.append(Group(color, kind, position, shapes))
-    scene = Scene(image_id, split, rng.choice(TEXTURES), groups, size)
+    scene = Scene(image_id, split, rng.choice(TEXTURES), groups, size, rng.choice(list(BACKGROUNDS)))
     scene.captions = make_captions(rng, scene)
     return scene
 
@@ -169,8 +171,7 @@ def _texture(scene: Scene, rng: np.random.Generator, base: tuple[int, int, int])
 def render(scene: Scene, seed: int) -> Image.Image:
     """The image of a scene: textured background, then the shapes."""
     rng = np.random.default_rng([seed, scene.image_id])
-    base = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
-    image = Image.fromarray(_texture(scene, rng, base))
+    image = Image.fromarray(_texture(scene, rng, BACKGROUNDS[scene.background]))
     draw = ImageDraw.Draw(image)
     for group in scene.groups:
         for shape in group.shapes:
@@ -196,15 +197,20 @@ def _described(scene: Scene) -> str:
 
 
 def make_captions(rng: random.Random, scene: Scene) -> list[str]:
-    """Five captions (raw, sentence case with a period, like COCO)."""
+    """Five captions (raw, sentence case with a period, like COCO), each naming every group, where it is and the
+    background, so that a caption fits its own image and few others (a world this small repeats its scenes:
+    captions naming less would also be true of other images, and a matching head could not learn from them)."""
     content = _described(scene)
-    first = scene.groups[0]
+    background = f"{scene.background} {scene.texture} background"
+    things = " and ".join(g.phrase() for g in scene.groups)
+    places = ", ".join(f"the {g.kind}{'s are' if g.count > 1 else ' is'} {PLACE_PHRASES[g.position]}"
+                       for g in scene.groups)
     templates = [
-        f"{content}.",
-        f"a picture of {content}.",
-        f"{content} on a {scene.texture} background.",
-        f"an image showing {' and '.join(g.phrase() for g in scene.groups)} on a {scene.texture} background.",
-        f"the {first.kind}{'s are' if first.count > 1 else ' is'} {first.color} and {PLACE_PHRASES[first.position]}.",
+        f"{content} on a {background}.",
+        f"a picture of {content}, on a {background}.",
+        f"a {background} with {content}.",
+        f"an image showing {things} on a {background}; {places}.",
+        f"{content}; the background is {scene.texture} and {scene.background}.",
     ]
     rng.shuffle(templates)
     return [t[0].upper() + t[1:] for t in templates]
@@ -313,7 +319,7 @@ def _write_vg(root: Path, scenes: list[Scene]) -> None:
             if group.count > 1:
                 for shape in group.shapes:
                     add(f"a {shape.color} {shape.kind}", shape.box)
-        add(f"a {scene.texture} background", (0, 0, scene.size, scene.size))
+        add(f"a {scene.background} {scene.texture} background", (0, 0, scene.size, scene.size))
         descriptions.append({"id": scene.image_id, "regions": regions})
         image_data.append({"image_id": scene.image_id, "width": scene.size, "height": scene.size, "coco_id": None,
                            "flickr_id": None, "url": f"https://demo.invalid/VG_100K/{scene.image_id}.jpg"})

@@ -22,6 +22,7 @@ from mplug_ds.data.pipeline import ShardLoader
 from mplug_ds.data.reading import DataErrors, iter_samples
 from mplug_ds.data.synthetic import SyntheticPretrainBatches
 from mplug_ds.data.transforms import TestTransform, pre_caption
+from mplug_ds.runtime import watchdog
 from mplug_ds.runtime.guards import sigterm_blocked
 from mplug_ds.runtime.launch_env import WorldInfo
 
@@ -158,6 +159,7 @@ def build_eval_set(data: DataSection, image_res: int, max_samples: int, world: W
     transform = TestTransform(image_res)
     images, texts, owners = [], [], []
     for sample in iter_samples(pattern, limits=image_limits(data.pipeline)):
+        watchdog.beat(evaluation_images_read=len(images))
         captions = [c for c in (pre_caption(t, data.pipeline.max_words) for t in sample.texts) if c]
         if sample.image is None or not captions:
             continue

@@ -205,32 +205,33 @@ def letterbox_size(width: int, height: int, long_side: int) -> tuple[int, int]:
             max(1, round(height * long_side / max(width, height))))
 
 
-def resize_and_pad(img: Image.Image, box: Box, res: int, long_side: int,
-                   rng: random.Random | None = None) -> tuple[Image.Image, Box]:
+def resize_and_pad(img: Image.Image, box: Box | None, res: int, long_side: int,
+                   rng: random.Random | None = None) -> tuple[Image.Image, Box | None]:
     """Resize so the long side is ``long_side`` (bicubic), then pad to res×res with the CLIP mean colour,
-    at a random offset when ``rng`` is given, else centred. The box moves with the image."""
+    at a random offset when ``rng`` is given, else centred. The box (if any) moves with the image."""
     w, h = letterbox_size(img.width, img.height, long_side)
-    (box,) = scale_boxes([box], w / img.width, h / img.height)
+    if box is not None:
+        (box,) = scale_boxes([box], w / img.width, h / img.height)
     img = img.resize((w, h), Image.BICUBIC)
     dx, dy = (rng.randint(0, res - w), rng.randint(0, res - h)) if rng else ((res - w) // 2, (res - h) // 2)
     canvas = Image.new("RGB", (res, res), FILL)
     canvas.paste(img, (dx, dy))
-    return canvas, [box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy]
+    return canvas, None if box is None else [box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy]
 
 
-def grounding_transform(img: Image.Image, box: Box, text: str, res: int, train: bool,
+def grounding_transform(img: Image.Image, box: Box | None, text: str, res: int, train: bool,
                         rng: random.Random | None = None,
-                        augment: bool = True) -> tuple[torch.Tensor, torch.Tensor, str]:
+                        augment: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, str]:
     """Grounding (REC) image, box and text, TransVG-style.
 
     Train: flip (p 0.5, 'left'/'right' swapped in the text) and colour RandAugment unless ``augment=False``
     (expressions that name colours); long side resized to res·(1 − k/20), k ~ U{0..6}; pad to res×res at a random
     offset. Test: long side = res, centred. Returns (normalised image, box (cx, cy, w, h) in [0, 1] of the padded
-    side, text).
+    side, text); at test time ``box`` may be ``None`` (an expression to ground), and so is the returned box.
     """
     if train:
-        if rng is None:
-            raise ValueError("grounding_transform(train=True) needs an rng")
+        if rng is None or box is None:
+            raise ValueError("grounding_transform(train=True) needs an rng and a box")
         if augment and rng.random() < 0.5:
             img, (box,) = TF.hflip(img), hflip_boxes([box], img.width)
             text = swap_left_right(text)
@@ -239,6 +240,8 @@ def grounding_transform(img: Image.Image, box: Box, text: str, res: int, train: 
         img, box = resize_and_pad(img, box, res, round(res * (1 - rng.randint(0, 6) / 20)), rng)
     else:
         img, box = resize_and_pad(img, box, res, res)
+    if box is None:
+        return to_normalized_tensor(img), None, text
     x0, y0, x1, y1 = (min(max(v / res, 0.0), 1.0) for v in box)
     norm_box = torch.tensor([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dtype=torch.float32)
     return to_normalized_tensor(img), norm_box, text

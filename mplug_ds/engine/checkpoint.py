@@ -50,6 +50,8 @@ BEST = "best.json"
 UNIVERSAL = "universal"
 EXPORT_FILE = "model.safetensors"  # an export's MPLUG weights (mplug_ds.engine.export)
 TASK_FILE = "task.safetensors"  # an export's task tensors beside the MPLUG, e.g. a classification head
+RUN_CONFIG_FILE = "run_config.yaml"  # an export's copy of the run's config.yaml (task options, text lengths)
+RANDOM_INIT_FILE = "random_init.yaml"  # a fine-tuning run's tensors never trained (``keys``), from its start
 
 
 @dataclass

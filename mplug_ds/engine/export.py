@@ -2,11 +2,14 @@
 
 Output directory::
 
-    model.safetensors           the online MPLUG weights in fp32, keys exactly as ``build_model(cfg).state_dict()``
+    model.safetensors           the online MPLUG weights in fp32, keys exactly as ``build_model(cfg).state_dict()``;
+                                metadata: source, step, ``task`` (the fine-tuning's task, ``pretrain`` for a
+                                pre-training) and ``random_init`` (tensors the run never trained, when it records any)
     task.safetensors            a fine-tuning's own tensors beside the MPLUG (a classification head: ``head.*``),
                                 with the task's name in its metadata (only when the checkpoint has such tensors)
     momentum.safetensors        the EMA teacher (only with ``include_momentum``)
     model_config.yaml           the ModelConfig the weights belong to (``load_model_config(path)`` reads it)
+    run_config.yaml             the run's config.yaml (task options, text lengths: what ``mplug_ds.load`` predicts with)
 
 Runs in a single process, without GPUs or a process group (DeepSpeed's ``zero_to_fp32`` reader).
 """
@@ -21,8 +24,10 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from safetensors.torch import load_file, save_file
 
 from mplug_ds.config import to_dict
-from mplug_ds.engine.checkpoint import COMPLETE, EXPORT_FILE, TASK_FILE, TEACHER_FILE, resolve_resume, shard_files
+from mplug_ds.engine.checkpoint import (COMPLETE, EXPORT_FILE, RANDOM_INIT_FILE, RUN_CONFIG_FILE, TASK_FILE,
+                                        TEACHER_FILE, resolve_resume, shard_files)
 from mplug_ds.models.config import ModelConfig, load_model_config
+from mplug_ds.models.hub import random_init_metadata
 from mplug_ds.models.mplug import build_model
 from mplug_ds.runtime import safe_load
 from mplug_ds.runtime.atomic import atomic_path, atomic_write_text
@@ -84,13 +89,20 @@ def _owned(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().contiguous().clone() for k, v in state.items()}
 
 
-def _run_task_name(tag_dir: Path) -> str:
-    """``task.name`` of the run that wrote ``tag_dir`` (its saved ``config.yaml``)."""
+def run_task_name(tag_dir: Path) -> str | None:
+    """``task.name`` of the fine-tuning that wrote ``tag_dir``, ``pretrain`` for a pre-training (its saved
+    ``config.yaml`` has no task), ``None`` when no ``config.yaml`` is found."""
     config = run_file(tag_dir, "config.yaml")
-    task = ((yaml.safe_load(config.read_text()) or {}).get("task") or {}) if config else {}
-    if not task.get("name"):
-        raise FileNotFoundError(f"{tag_dir} holds task tensors but no config.yaml with task.name was found next to it")
-    return str(task["name"])
+    if config is None:
+        return None
+    task = (yaml.safe_load(config.read_text()) or {}).get("task") or {}
+    return str(task["name"]) if task.get("name") else "pretrain"
+
+
+def run_random_init(tag_dir: Path) -> list[str]:
+    """The tensors the run that wrote ``tag_dir`` never trained (its ``random_init.yaml``; ``[]`` without one)."""
+    found = run_file(tag_dir, RANDOM_INIT_FILE)
+    return list((yaml.safe_load(found.read_text()) or {}).get("keys") or []) if found else []
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, model_config: str | None = None,
@@ -111,13 +123,25 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, model_config:
     out.mkdir(parents=True, exist_ok=True)
     marker = json.loads((tag_dir / COMPLETE).read_text())
     metadata = {"source": str(tag_dir), "step": str(marker["step"]), "format": "mplug_ds"}
+    task = run_task_name(tag_dir)
+    if task is not None:
+        metadata["task"] = task
     merged = read_module_state(tag_dir, trusted)
-    _atomic_save(_online_model(merged, model_cfg, tag_dir), out / EXPORT_FILE, metadata)
+    _atomic_save(_online_model(merged, model_cfg, tag_dir), out / EXPORT_FILE,
+                 {**metadata, **random_init_metadata(run_random_init(tag_dir))})
     task_state = {k: v for k, v in merged.items() if not k.startswith(MODEL_PREFIX)}
     if task_state:
-        _atomic_save(_owned(task_state), out / TASK_FILE, {**metadata, "task": _run_task_name(tag_dir)})
+        if task in (None, "pretrain"):
+            raise FileNotFoundError(f"{tag_dir} holds task tensors but no config.yaml with task.name was found "
+                                    "next to it")
+        _atomic_save(_owned(task_state), out / TASK_FILE, metadata)
     else:  # an earlier export into this directory must not lend its head to this model
         (out / TASK_FILE).unlink(missing_ok=True)
+    run_config = run_file(tag_dir, "config.yaml")
+    if run_config is not None:
+        atomic_write_text(out / RUN_CONFIG_FILE, run_config.read_text())
+    else:  # nor its settings
+        (out / RUN_CONFIG_FILE).unlink(missing_ok=True)
     if include_momentum:
         teacher = read_teacher(tag_dir, trusted)
         _atomic_save({k: v.float().contiguous().clone() for k, v in teacher.items()},

@@ -105,6 +105,11 @@ class RunSection:
     # A collective that waits longer than this fails the rank (a peer hung or died): keep it above the slowest
     # checkpoint save and data preparation, since the other ranks wait in a barrier meanwhile.
     collective_timeout_s: float = 600.0  # seconds a collective may wait before the rank fails
+    # A rank without progress this long stops the job with RUN/hang/report.txt (docs/multi_node.md); the first step
+    # of a session and checkpoint saves get 0.9 × collective_timeout_s instead. Below collective_timeout_s.
+    hang_timeout_s: float = 0.0  # seconds without progress before the hang report (0: 20 × slowest step, >= 120)
+    check_collectives: bool = False  # compare the ranks' collectives and module calls every check_every_steps
+    check_every_steps: int = 10  # optimizer steps between two divergence checks (with run.check_collectives)
     # torch intra-op threads per rank when training on CPU (0: torch's default, one per core; OMP_NUM_THREADS wins)
     cpu_threads: int = 0
 

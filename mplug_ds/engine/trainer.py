@@ -17,6 +17,11 @@ gradient and parameter traffic), ``agreement`` (the loop's loss / non-finite / s
 (skipped-sample counts, on logging steps), and whatever the recipe names (``ita``, ``teacher_forward``,
 ``teacher_update``, ...); ``other`` is anything unnamed. What runs between steps (checkpoints, evaluation) is not
 counted.
+
+Hangs. ``train()`` runs the hang watchdog (``runtime/watchdog.py``): the loop reports each step, micro-batch,
+evaluation and checkpoint as progress, and a rank without progress for ``run.hang_timeout_s`` stops every rank with
+``RUN/hang/report.txt``. With ``run.check_collectives`` the ranks also compare their collectives and module calls
+every ``run.check_every_steps`` steps (``runtime/divergence.py``) and stop at the first difference.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import dataclasses
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -44,8 +50,9 @@ from mplug_ds.engine.recipe import Recipe
 from mplug_ds.engine.schedule import WarmupCosine, group_lr, param_groups
 from mplug_ds.engine.train_config import EngineConfig
 from mplug_ds.engine.validate import ResolvedEngine
-from mplug_ds.runtime import collectives
+from mplug_ds.runtime import collectives, watchdog
 from mplug_ds.runtime.atomic import atomic_write_text
+from mplug_ds.runtime.divergence import DivergenceCheck
 from mplug_ds.runtime.failure import LauncherWatch
 from mplug_ds.runtime.guards import NonFiniteGuard, StopRequest
 from mplug_ds.runtime.launch_env import WorldInfo, init_distributed
@@ -93,6 +100,9 @@ class Trainer:
             model=self.recipe.module, optimizer=optimizer, config=resolved.ds_config, dist_init_required=False)
         self.recipe.engine_ready(self.engine)
         skip_one_rank_allreduce(self.engine)
+        run = cfg.run
+        self.divergence = (DivergenceCheck(self.engine.module, run.check_every_steps, self.device)
+                           if run.check_collectives and world.world_size > 1 else None)
         seed_everything(cfg.run.seed + 1000 * world.rank + 1)  # per-rank dropout / masking / negatives
 
         self.schedule = WarmupCosine(cfg.schedule)
@@ -123,40 +133,63 @@ class Trainer:
     # ------------------------------------------------------------------ run
     def train(self) -> RunSummary:
         """Run to ``schedule.total_steps`` (or until SIGTERM); returns the summary (rank 0 has the metrics)."""
-        cfg = self.cfg
         self._save_resolved_config()
         stop = StopRequest()
         watch = LauncherWatch(stop.request)
         try:
-            data = self.resume_or_start()
-            stopped = False
-            every_eval = self.recipe.eval_every_steps
-            while self.state.step < cfg.schedule.total_steps and not stopped:
-                stopped = self.optimizer_step(data, stop)
-                due = self.state.step % cfg.checkpoint.every_steps == 0
-                eval_due = (not stopped and every_eval > 0 and self.state.step % every_eval == 0
-                            and self.state.step < cfg.schedule.total_steps)
-                best = eval_due and self._evaluate_for_best()
-                if (stopped or due or best) and not self._saved_at_current_step():
-                    self._checkpoint()
-                if best:
-                    self._mark_best()
-            if not stopped and cfg.checkpoint.save_final and not self._saved_at_current_step():
-                self._checkpoint()
-            if stopped:
-                cause = stop.cause if stop.requested else "another rank was asked to stop"
-                self.logger.info(f"{cause}: saved {self.last_checkpoint} at step {self.state.step}; "
-                                 "resume with --resume auto")
-            if not stopped and self._evaluate_for_best(final=True) and self._saved_at_current_step():
-                self._mark_best()
-            retrieval = self.last_metrics
-            summary = self._summary(retrieval, stopped, self.skipped.gather())
-            self.logger.event("summary", **dataclasses.asdict(summary))
-            return summary
+            with self.watching():
+                summary = self._train(stop)
+            stop.restore()  # after a failure SIGTERM stays a flag: the launcher stopping the others must not end
+            return summary  # this rank before its part of the hang report is written (runtime/failure.py)
         finally:
             watch.stop()
-            stop.restore()
             self.logger.close()
+            if self.divergence is not None:
+                self.divergence.close()
+
+    @contextmanager
+    def watching(self) -> Iterator[watchdog.HangWatchdog]:
+        """Run the hang watchdog inside (a collective to enter: the ranks agree on the report's session)."""
+        run = self.cfg.run
+        dog = watchdog.HangWatchdog(self.cfg.output_dir, self.world, run.hang_timeout_s,
+                                    watchdog.LONG_FRACTION * run.collective_timeout_s, self.stream.state_dict)
+        dog.start()
+        try:
+            yield dog
+        finally:
+            dog.stop()
+
+    def _train(self, stop: StopRequest) -> RunSummary:
+        """The loop of ``train``."""
+        cfg = self.cfg
+        watchdog.phase("start-up", self.state.step, long=True)
+        data = self.resume_or_start()
+        if self.divergence is not None:
+            self.divergence.resume_at(self.state.step)
+        stopped = False
+        every_eval = self.recipe.eval_every_steps
+        while self.state.step < cfg.schedule.total_steps and not stopped:
+            stopped = self.optimizer_step(data, stop)
+            due = self.state.step % cfg.checkpoint.every_steps == 0
+            eval_due = (not stopped and every_eval > 0 and self.state.step % every_eval == 0
+                        and self.state.step < cfg.schedule.total_steps)
+            best = eval_due and self._evaluate_for_best()
+            if (stopped or due or best) and not self._saved_at_current_step():
+                self._checkpoint()
+            if best:
+                self._mark_best()
+        if not stopped and cfg.checkpoint.save_final and not self._saved_at_current_step():
+            self._checkpoint()
+        if stopped:
+            cause = stop.cause if stop.requested else "another rank was asked to stop"
+            self.logger.info(f"{cause}: saved {self.last_checkpoint} at step {self.state.step}; "
+                             "resume with --resume auto")
+        if not stopped and self._evaluate_for_best(final=True) and self._saved_at_current_step():
+            self._mark_best()
+        retrieval = self.last_metrics
+        summary = self._summary(retrieval, stopped, self.skipped.gather())
+        self.logger.event("summary", **dataclasses.asdict(summary))
+        return summary
 
     def resume_or_start(self) -> Iterator[Batch]:
         """Restore the newest/asked-for checkpoint (``run.resume``) if any; returns the training batch iterator."""
@@ -212,7 +245,9 @@ class Trainer:
         started = time.perf_counter()
         good = 0
         stop_requested = False
+        watchdog.phase("train", self.state.step + 1, long=self.session_samples == 0)  # the first step warms up
         while good < accum:
+            watchdog.beat(micro_batch=f"{good + 1}/{accum}", samples_seen=self.state.samples_seen)
             if self._any_rank(stop.requested):
                 if good:
                     self.logger.info(f"stopping inside step {self.state.step + 1}: its {good} accumulated "
@@ -266,6 +301,8 @@ class Trainer:
                 record["skipped"] = self.skipped.gather()  # a collective: the same steps on every rank
         record["comm"] = collectives.take_counts()
         self.logger.step(record)
+        if self.divergence is not None:
+            self.divergence.end_step(self.state.step)
         return stop_requested
 
     def _agree(self, out: dict[str, torch.Tensor], stop_local: bool) -> tuple[torch.Tensor, bool, bool]:
@@ -297,6 +334,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints / outputs
     def _checkpoint(self) -> None:
+        watchdog.phase("checkpoint", self.state.step, long=True)  # every rank waits for the slowest writer
         rank_state = {"rng": rng_state(), "data": self.stream.state_dict()}
         self.last_checkpoint = self.checkpoints.save(self.engine, self.state, rank_state, self.recipe.extra_state(),
                                                      self.recipe.sharded_state())
@@ -317,6 +355,7 @@ class Trainer:
 
     def _evaluate_for_best(self, final: bool = False) -> bool:
         """Evaluate (a collective), log the metrics; True when the recipe's metric improved on the best so far."""
+        watchdog.phase("evaluation", self.state.step)
         self.last_metrics = self.recipe.evaluate(self.engine)
         if self.last_metrics:  # a recipe without evaluation (or a rank without the gathered metrics) logs nothing
             self.logger.evaluation(self.state.step, final, self.last_metrics)

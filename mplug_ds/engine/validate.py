@@ -58,6 +58,19 @@ def _number(key: str, value: float, minimum: float, inclusive: bool = True) -> N
         raise ConfigError(f"{key} must be a finite number {'>=' if inclusive else '>'} {minimum:g}, got {value}")
 
 
+def check_hang_settings(cfg: EngineConfig) -> None:
+    """``run.hang_timeout_s`` fires before the backend's own time-out (which would end the ranks without a report,
+    NCCL by aborting them); the divergence check runs every >= 1 steps."""
+    r = cfg.run
+    _number("run.hang_timeout_s", r.hang_timeout_s, minimum=0.0)
+    if r.hang_timeout_s >= r.collective_timeout_s:
+        raise ConfigError(f"run.hang_timeout_s={r.hang_timeout_s:g} must be below run.collective_timeout_s="
+                          f"{r.collective_timeout_s:g}: the backend's time-out would end the ranks first, without a "
+                          "hang report; lower it or raise run.collective_timeout_s (0: automatic)")
+    if r.check_every_steps < 1:
+        raise ConfigError(f"run.check_every_steps must be >= 1, got {r.check_every_steps}")
+
+
 def check_output_dir(path: Path) -> None:
     """The output directory exists as a writable directory, or can be created (checked without creating it)."""
     existing = path
@@ -155,6 +168,7 @@ def validate_engine(cfg: EngineConfig, world_size: int) -> ResolvedEngine:
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
     _number("run.collective_timeout_s", cfg.run.collective_timeout_s, minimum=0.0, inclusive=False)
+    check_hang_settings(cfg)
     check_output_dir(cfg.output_dir)
     if cfg.run.cpu_threads < 0:
         raise ConfigError(f"run.cpu_threads must be >= 0 (0: torch's default), got {cfg.run.cpu_threads}")

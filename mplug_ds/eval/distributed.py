@@ -3,7 +3,7 @@
 Rank r takes samples r, r + W, r + 2W, … (no padding to equal counts). Because forwards under ZeRO-3 are
 collectives, every rank still runs the same number of batches: ranks with fewer samples run filler batches
 whose outputs are dropped. Predictions carry their sample index; rank 0 gathers them and checks that every
-index appears exactly once.
+index appears exactly once. Reading and each batch count as progress for the hang watchdog.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 from mplug_ds.data.reading import DataErrors, decode_sample, expand_urls, read_raw
 from mplug_ds.data.sample import Sample
-from mplug_ds.distributed import get_rank, get_world_size
+from mplug_ds.distributed import get_rank, get_world_size, range_over_ranks
+from mplug_ds.runtime import watchdog
 
 T = TypeVar("T")
 
@@ -41,6 +42,7 @@ def read_eval_samples(shards: str, max_samples: int | None = None, rank: int | N
         for raw in read_raw(url, errors):
             if max_samples is not None and index >= max_samples:
                 return
+            watchdog.beat(evaluation_samples_read=index)
             if owned(index, rank, world_size):
                 try:
                     yield index, decode_sample(raw)
@@ -49,29 +51,30 @@ def read_eval_samples(shards: str, max_samples: int | None = None, rank: int | N
             index += 1
 
 
-def max_over_ranks(value: int, device: torch.device | str = "cpu") -> int:
-    """The largest ``value`` over all ranks (the value itself without a process group)."""
-    if get_world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.long, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+NO_FILLER_NEEDED = 1 << 62  # a rank with a filler item can pad any number of batches
 
 
 def lockstep_batches(items: Sequence[T], batch_size: int, filler: T | None,
                      device: torch.device | str = "cpu") -> Iterator[tuple[list[T], bool]]:
     """Split ``items`` into batches, padded with ``(filler batch, False)`` so every rank yields as many batches.
 
-    ``filler`` (any valid item) is needed only by a rank that may run out first; its outputs must be dropped.
+    ``filler`` (any valid item) is needed only by a rank that may run out first; its outputs must be dropped. When
+    a rank without one would need it, every rank raises the same ``ValueError`` before any batch (a rank failing
+    alone would leave the others waiting in their next forward).
     """
     local = math.ceil(len(items) / batch_size)
-    total = max_over_ranks(local, device)
+    # One all-reduce: the most batches, and the fewest batches of a rank without a filler.
+    fewest, most = range_over_ranks([local, local if filler is None else NO_FILLER_NEEDED], device)
+    total, fewest_without = most[0], fewest[1]
+    if fewest_without < total:
+        raise ValueError(f"a rank has only {fewest_without} of the {total} evaluation batches and no sample to run "
+                         f"filler batches with: the evaluation set needs at least as many samples as ranks "
+                         f"({get_world_size()})")
     for b in range(total):
+        watchdog.beat(evaluation_batch=f"{b + 1}/{total}")
         if b < local:
             yield list(items[b * batch_size:(b + 1) * batch_size]), True
         else:
-            if filler is None:
-                raise ValueError("this rank has no evaluation sample to run filler batches with; give a filler item")
             yield [filler], False
 
 

@@ -10,7 +10,9 @@ stripped), with the weights at the top level or under ``model`` / ``module``. St
 * Text: the ``.bert.`` / ``.fusion.`` levels removed; fusion layer i → i − (N − F) for the F executed layers of N,
   the dead layers, the fusion embeddings and the connected layers' cross-attention dropped; ``text_decoder`` →
   ``decoder``; ``fusion_encoder.cls`` → ``mlm_head``; ``visn_layer_norm`` → ``visn_norm``; the LM head's tied
-  ``decoder.weight`` alias taken from the word embeddings it is tied to; ``temp`` () → (1,).
+  ``decoder.weight`` alias taken from the word embeddings it is tied to; its ``decoder.bias`` (every release
+  stores it: BERT ties it to ``predictions.bias``) dropped as that alias after checking it is the same tensor;
+  ``temp`` () → (1,).
 * Queues, grounding buffers and ``position_ids`` dropped; momentum copies (``*_m.*``) dropped, or mapped onto the
   momentum teacher with ``keep_momentum``.
 """
@@ -179,6 +181,17 @@ class _Mapper:
 
 
 _TIED = {"decoder.cls.predictions.decoder.weight": "decoder.bert.embeddings.word_embeddings.weight"}
+_BIAS_ALIAS = (".predictions.decoder.bias", ".predictions.bias")  # BERT's LM head: the decoder's bias is that bias
+
+
+def _bias_alias_of(key: str, state: dict[str, torch.Tensor]) -> str | None:
+    """The LM-head bias ``key`` is BERT's tied alias of (``….predictions.decoder.bias`` equal to
+    ``….predictions.bias``), else ``None``."""
+    alias, bias = _BIAS_ALIAS
+    if not key.endswith(alias):
+        return None
+    source = key[: -len(alias)] + bias
+    return source if source in state and torch.equal(state[source], state[key]) else None
 
 
 def convert_official(state: dict[str, torch.Tensor], cfg: ModelConfig, keep_momentum: bool = False
@@ -199,6 +212,10 @@ def convert_official(state: dict[str, torch.Tensor], cfg: ModelConfig, keep_mome
     for key, value in state.items():
         if key in _DROPPED_BUFFERS:
             report.dropped[key] = _DROPPED_BUFFERS[key]
+            continue
+        alias_of = _bias_alias_of(key, state)
+        if alias_of is not None:
+            report.dropped[key] = f"alias of {alias_of} (BERT ties the two; the same tensor)"
             continue
         canonical = canonical_name(key)
         component, dot, rest = canonical.partition(".")

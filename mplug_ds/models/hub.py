@@ -3,6 +3,10 @@
 The same directory also holds ``model_config.yaml``, so it is an export directory that pre-training's
 ``model.init_from`` and ``mplug_ds.engine.export.load_exported`` read. Round trips are bit-exact: tensors are
 written as they are (no dtype change) and read back with safetensors.
+
+``model.safetensors``' metadata may list the tensors that were never trained (``random_init``: a converted release
+lacks some heads, which keep their random initialisation); ``random_init_keys`` reads it, so that every loader can
+warn about, or refuse, a task that needs them.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mplug_ds.config import from_dict, to_dict
@@ -19,6 +24,21 @@ from mplug_ds.models.mplug import MPLUG
 from mplug_ds.runtime.atomic import atomic_path, atomic_write_text
 
 MODEL_TYPE = "mplug_ds"
+WEIGHTS_FILE = "model.safetensors"
+RANDOM_INIT = "random_init"  # metadata key of model.safetensors: JSON list of the tensors never trained
+
+
+def random_init_metadata(keys: list[str]) -> dict[str, str]:
+    """The metadata entry recording ``keys`` as left at random initialisation (empty when there are none)."""
+    return {RANDOM_INIT: json.dumps(sorted(keys))} if keys else {}
+
+
+def random_init_keys(directory: str | Path) -> list[str]:
+    """The tensors ``directory``'s ``model.safetensors`` records as never trained (``[]`` when it records none)."""
+    path = Path(directory) / WEIGHTS_FILE
+    with safe_open(str(path), "pt") as f:
+        value = (f.metadata() or {}).get(RANDOM_INIT)
+    return list(json.loads(value)) if value else []
 
 
 def save_state(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path,

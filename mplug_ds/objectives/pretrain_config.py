@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from mplug_ds.config import ConfigError, load_config
+from mplug_ds.data.data_config import check_full_batches
 from mplug_ds.data.pipeline import check_config, check_shard_files
 from mplug_ds.data.region_streams import region_pipeline_config
 from mplug_ds.data.streams import DataSection, pipeline_config
@@ -69,6 +70,10 @@ def validate(cfg: TrainConfig, world_size: int) -> ResolvedRun:
     if d.pipeline.num_workers < 0:
         raise ConfigError(f"data.pipeline.num_workers must be >= 0 (0 reads in the training process), "
                           f"got {d.pipeline.num_workers}")
+    try:
+        check_full_batches(d.pipeline, "data.pipeline")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if d.eval_shards:
         try:
             check_shard_files(d.eval_shards, "data.eval_shards")

@@ -7,6 +7,7 @@ from typing import Any
 
 from mplug_ds.config import to_dict
 from mplug_ds.data.streams import build_eval_set, build_train_stream
+from mplug_ds.distributed import range_over_ranks
 from mplug_ds.objectives.zero_shot import retrieval_picture_path, zero_shot_retrieval
 from mplug_ds.engine.export import load_weights
 from mplug_ds.engine.recipe import Recipe, TrainStream
@@ -62,6 +63,14 @@ class PretrainRecipe(Recipe):
         if not e.retrieval:
             return {}
         eval_set = build_eval_set(self.cfg.data, self.resolved.model.vision.image_size, e.max_samples, self.world)
+        # Each rank reads the held-out set itself: a rank that read other files (or fewer samples) would run other
+        # forwards than the rest (collectives under ZeRO-3). Every rank checks that they agree.
+        sizes = [0, 0] if eval_set is None else [len(eval_set.images), len(eval_set.text_ids)]
+        fewest, most = range_over_ranks(sizes, engine.device)
+        if fewest != most:
+            raise RuntimeError(f"the ranks read different held-out retrieval sets: from {fewest[0]} to {most[0]} "
+                               f"images and {fewest[1]} to {most[1]} captions (this rank: {sizes[0]}, {sizes[1]}); "
+                               "data.eval_shards (or the demo cache) must hold the same files on every node")
         if eval_set is None:
             return {}
         picture = retrieval_picture_path(self.cfg.output_dir, engine.global_steps) if self.world.rank == 0 else None

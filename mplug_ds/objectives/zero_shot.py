@@ -14,6 +14,7 @@ from mplug_ds.data.transforms import CLIP_MEAN, CLIP_STD
 from mplug_ds.eval.pictures import Panel, draw_panels
 from mplug_ds.eval.retrieval import chance_recalls
 from mplug_ds.models.mplug import MPLUG
+from mplug_ds.runtime import watchdog
 
 SHOWN_IMAGES, SHOWN_TEXTS = 8, 3
 log = logging.getLogger(__name__)
@@ -43,12 +44,15 @@ def zero_shot_retrieval(engine: Any, model: MPLUG, data: RetrievalSet, batch_siz
     """
     engine.eval()
     device = engine.device
+    image_feats, text_feats = [], []
     try:
-        image_feats = [model.image_feature(model.encode_image(data.images[i:i + batch_size].to(device)))
-                       for i in range(0, len(data.images), batch_size)]
-        text_feats = [model.text_feature(model.encode_text(data.text_ids[i:i + batch_size].to(device),
-                                                           data.text_mask[i:i + batch_size].to(device)))
-                      for i in range(0, len(data.text_ids), batch_size)]
+        for i in range(0, len(data.images), batch_size):
+            watchdog.beat(evaluation_images=f"{i}/{len(data.images)}")
+            image_feats.append(model.image_feature(model.encode_image(data.images[i:i + batch_size].to(device))))
+        for i in range(0, len(data.text_ids), batch_size):
+            watchdog.beat(evaluation_texts=f"{i}/{len(data.text_ids)}")
+            text_feats.append(model.text_feature(model.encode_text(data.text_ids[i:i + batch_size].to(device),
+                                                                   data.text_mask[i:i + batch_size].to(device))))
     finally:
         engine.train()
     sim = (torch.cat(image_feats) @ torch.cat(text_feats).t()).float().cpu()

@@ -12,12 +12,16 @@ Two readers:
 * accounting: ``take_counts()`` returns calls and bytes per (part, kind) since the last take (the trainer takes
   them once per optimizer step). ``with part("teacher_update"): ...`` names the part of everything issued inside;
   outside any ``part`` a collective issued from DeepSpeed's code is ``"zero"`` and any other ``"other"``.
-* the hang watchdog: ``recent()`` (the last collectives entered, with the time each one left) and
-  ``in_flight()`` (the ones entered and not yet left, per thread).
+* the hang watchdog: ``recent()`` (the last collectives entered, with the time each one left),
+  ``in_flight()`` (the ones entered and not yet left, per thread), ``failed()`` (the last one that raised) and
+  ``digest()``, a running hash of every (kind, size) so far: equal on all ranks while their sequences agree.
+* the divergence check: ``observe(callback)`` hands every new ``Call`` to ``callback`` on the calling thread.
 
 ``nbytes`` is the size of the collective's largest buffer: the reduced tensor (all-reduce), the gathered output
 (all-gather), the input before scattering (reduce-scatter), the broadcast tensor; 0 for barriers and pickled objects.
-What one rank sends follows from it and the world size (``traffic_bytes``).
+What one rank sends follows from it and the world size (``traffic_bytes``). ``comparable(call)`` is what must be
+equal on every rank: the size, except for collectives whose buffers differ by rank by design (gather and scatter
+lists exist on the root only); point-to-point calls differ by rank and are left out of ``digest()``.
 """
 from __future__ import annotations
 
@@ -42,6 +46,10 @@ KINDS = ("all_reduce", "all_reduce_coalesced", "all_gather", "all_gather_into_te
          "all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list", "send", "recv",
          "isend", "irecv", "batch_isend_irecv")
 RECENT = 256  # collectives kept for the watchdog's report
+POINT_TO_POINT = frozenset({"send", "recv", "isend", "irecv", "batch_isend_irecv"})
+ROOTED = frozenset({"gather", "scatter", "gather_object", "scatter_object_list"})  # lists on the root only
+_MASK = (1 << 63) - 1
+_FNV_PRIME = 0x100000001B3
 _SKIPPED_DIRS = (str(Path(torch.__file__).parent), str(Path(__file__).resolve()))
 _DEEPSPEED = "/deepspeed/"
 
@@ -72,6 +80,9 @@ class _Recorder:
         self.local = threading.local()  # .depth, .parts, .current
         self.flight: dict[int, Call] = {}
         self.lock = threading.Lock()
+        self.digest = 0
+        self.failed: Call | None = None
+        self.observer: Callable[[Call], None] | None = None
 
     def parts(self) -> list[str]:
         if not hasattr(self.local, "parts"):
@@ -138,6 +149,27 @@ def in_flight() -> list[Call]:
     return list(_RECORDER.flight.values())
 
 
+def failed() -> Call | None:
+    """The last collective that raised (a peer gone, a backend time-out), or None."""
+    return _RECORDER.failed
+
+
+def digest() -> int:
+    """A running 63-bit hash of the (kind, ``comparable`` size) of every collective entered so far, point-to-point
+    calls left out: ranks whose sequences agree hold the same value."""
+    return _RECORDER.digest
+
+
+def comparable(call: Call) -> int:
+    """The part of a call's size that every rank shares (0 for gather/scatter, whose lists only the root holds)."""
+    return 0 if call.kind in ROOTED else call.nbytes
+
+
+def observe(callback: Callable[[Call], None] | None) -> None:
+    """Hand every collective entered from now on to ``callback`` (on the calling thread); None stops it."""
+    _RECORDER.observer = callback
+
+
 def issued() -> int:
     """How many collectives this process has entered so far (the sequence number of the last one)."""
     return _RECORDER.seq
@@ -153,6 +185,10 @@ def traffic_bytes(kind: str, nbytes: int, world_size: int) -> float:
 
 
 def _wrap(kind: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    code = (KINDS.index(kind) + 1) << 48
+    hashed = kind not in POINT_TO_POINT
+    rooted = kind in ROOTED
+
     @functools.wraps(fn)
     def collective(*args: Any, **kwargs: Any) -> Any:
         r = _RECORDER
@@ -168,12 +204,19 @@ def _wrap(kind: str, fn: Callable[..., Any]) -> Callable[..., Any]:
             call = Call(r.seq, kind, size, name, site, time.monotonic())
             r.counts[(name, kind)] += 1
             r.bytes[(name, kind)] += size
+            if hashed:
+                r.digest = ((r.digest ^ (code | (0 if rooted else size))) * _FNV_PRIME) & _MASK
         r.recent.append(call)
         thread = threading.get_ident()
         r.flight[thread] = call
+        if r.observer is not None:
+            r.observer(call)
         r.local.depth = 1
         try:
             return fn(*args, **kwargs)
+        except BaseException:
+            r.failed = call
+            raise
         finally:
             r.local.depth = 0
             call.left = time.monotonic()

@@ -10,6 +10,9 @@ Two ways a distributed job used to outlive its purpose:
   same reason). The launcher (deepspeed, torchrun) sees the failure and stops the other ranks;
   a rank blocked in a collective with the dead rank gets a connection error (or, at the latest, the
   ``run.collective_timeout_s`` timeout) and takes the same exit.
+  With more than one rank the hang watchdog (``runtime.watchdog``) first writes this rank's state and its part of
+  the job's hang report (``report_failures_with``), so a failure on one rank and the lost peer the others see
+  end in one ``RUN/hang/report.txt`` naming the rank that failed.
 * The ``deepspeed`` launcher was stopped on its own (a scheduler or Ctrl-C signalling only it). On one node it
   forwards nothing to the ranks. ``LauncherWatch`` notices that a launcher process above this rank is gone
   and turns it into a stop request: the ranks agree, save a checkpoint and exit.
@@ -27,6 +30,7 @@ from typing import Callable, Iterator
 import psutil
 
 EXIT_FAILURE = 1
+_failure_report: Callable[[BaseException], None] | None = None
 # Command-line words that mark a process as a launcher of this rank (deepspeed's runner and its per-node
 # launcher, torchrun). Matched against each word's file name, so "…/bin/deepspeed" matches "deepspeed".
 LAUNCHER_WORDS = frozenset({"deepspeed", "deepspeed.launcher.launch", "torchrun", "torch.distributed.run"})
@@ -52,9 +56,16 @@ def hard_exit(code: int) -> None:
     os._exit(code)
 
 
+def report_failures_with(report: Callable[[BaseException], None] | None) -> None:
+    """Call ``report(err)`` before a failing rank exits (the hang watchdog's report); None: nothing."""
+    global _failure_report
+    _failure_report = report
+
+
 @contextmanager
 def exit_hard_on_failure(rank: int) -> Iterator[None]:
-    """Any exception inside ends this rank within moments: traceback, children killed, exit status 1."""
+    """Any exception inside ends this rank within moments: traceback, the failure report (if any), children
+    killed, exit status 1."""
     try:
         yield
     except BaseException as err:  # noqa: BLE001 - every failure must end the process, whatever its type
@@ -62,7 +73,9 @@ def exit_hard_on_failure(rank: int) -> Iterator[None]:
             raise
         traceback.print_exc()
         print(f"rank {rank}: failed ({type(err).__name__}: {err}); exiting with status {EXIT_FAILURE} so the "
-              "launcher stops the other ranks", file=sys.stderr)
+              "launcher stops the other ranks", file=sys.stderr, flush=True)
+        if _failure_report is not None:
+            _failure_report(err)
         hard_exit(EXIT_FAILURE)
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from mplug_ds.config import from_dict
 from mplug_ds.data.data_config import DataConfig
 from mplug_ds.data.sample import Sample
+from mplug_ds.eval.distributed import lockstep_batches
 from mplug_ds.eval.pictures import Panel
 from mplug_ds.models.mplug import MPLUG
 
@@ -48,6 +49,9 @@ class FinetuneTask(ABC):
     # module tensors outside the wrapped MPLUG that only fine-tuning trains (a classifier head): ``--evaluate``
     # loads them from the task's fine-tuning checkpoint
     head_prefixes: ClassVar[tuple[str, ...]] = ()
+    # the MPLUG parts the task's module runs (state-dict prefixes): a checkpoint that left one of them at random
+    # initialisation (a converted release without it) is warned about for fine-tuning, refused for evaluation
+    uses: ClassVar[tuple[str, ...]]
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self.cfg = from_dict(self.config_type, dict(options or {}), "task")
@@ -80,3 +84,38 @@ class FinetuneTask(ABC):
         best = baseline.get(self.metric, max(baseline.values(), default=float("nan")))
         ratio = f", {value / best:.1f}× the baseline" if best > 0 else ""
         return f"{self.metric}: {value:.4f} (baseline {best:.4f}{ratio})"
+
+
+IMAGE_TOWER = ("visual.", "visn_fc.", "visn_norm.")  # the ViT and, when its width differs, its projection
+FUSED = (*IMAGE_TOWER, "text_encoder.", "fusion.")  # what reads an image and a text together
+
+
+class SampleTask(FinetuneTask):
+    """A task that predicts each sample on its own (every task but retrieval).
+
+    Its evaluation and ``mplug_ds.load``'s predictor run the same two steps: ``eval_items`` (the evaluation's
+    preparation of each sample) and ``predict`` (one batch of items → one prediction each), so a prediction is the
+    one the evaluation would make.
+    """
+
+    @abstractmethod
+    def eval_items(self, samples: EvalSamples, data: DataConfig) -> list[dict[str, Any]]:
+        """Each sample prepared as evaluation prepares it, with its ``index`` and (when the sample has them) the
+        ground-truth fields its evaluation scores."""
+
+    @abstractmethod
+    def predict(self, module: nn.Module, items: list[dict[str, Any]], data: DataConfig,
+                device: torch.device) -> list[dict[str, Any]]:
+        """What the module predicts for each item of one batch (a plain dict of JSON values per item)."""
+
+
+def predict_in_lockstep(task: SampleTask, module: nn.Module, items: list[dict[str, Any]], data: DataConfig,
+                        batch_size: int, device: torch.device, keep: tuple[str, ...]) -> list[dict[str, Any]]:
+    """``task.predict`` over this rank's items in lockstep batches (filler batches dropped): per item its ``keep``
+    fields and its prediction."""
+    predictions = []
+    for chunk, real in lockstep_batches(items, batch_size, items[0] if items else None, device):
+        predicted = task.predict(module, chunk, data, device)
+        if real:
+            predictions += [{k: item[k] for k in keep} | p for item, p in zip(chunk, predicted)]
+    return predictions

@@ -24,11 +24,11 @@ from mplug_ds.data.sample import Sample
 from mplug_ds.data.tokenizer import CLS_ID, SEP_ID
 from mplug_ds.data.transforms import pre_caption
 from mplug_ds.eval.caption import caption_metrics, constant_caption_cider
-from mplug_ds.eval.distributed import gather_to_rank0, lockstep_batches, merge_predictions
+from mplug_ds.eval.distributed import gather_to_rank0, merge_predictions
 from mplug_ds.eval.pictures import Panel
 from mplug_ds.models.generation import BeamConfig, beam_search
 from mplug_ds.models.mplug import MPLUG
-from mplug_ds.tasks.base import EvalResult, EvalSamples, FinetuneTask
+from mplug_ds.tasks.base import IMAGE_TOWER, EvalResult, EvalSamples, SampleTask, predict_in_lockstep
 from mplug_ds.tasks.train_stats import on_rank0, training_annotations
 from mplug_ds.tasks.vqa import decode_text
 
@@ -75,7 +75,7 @@ def coco_image_id(image_id: str | None, key: str) -> int | str:
     return int(value) if str(value).isdigit() else value
 
 
-class CaptionTask(FinetuneTask):
+class CaptionTask(SampleTask):
     """COCO captioning: CIDEr selects; BLEU-1..4, METEOR, ROUGE-L (and SPICE) reported."""
 
     name = "caption"
@@ -85,6 +85,7 @@ class CaptionTask(FinetuneTask):
     config_type = CaptionConfig
     required_fields = ("texts",)
     results_name = "captions"
+    uses = (*IMAGE_TOWER, "decoder.")
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(options)
@@ -108,25 +109,27 @@ class CaptionTask(FinetuneTask):
             self._frequent = on_rank0(lambda: frequent_caption(data, self.cfg.train_scan_samples))
         return self._frequent
 
+    def eval_items(self, samples: EvalSamples, data: DataConfig) -> list[dict[str, Any]]:
+        prepare = Preparer(dataclasses.replace(data, task="caption", train=False))
+        return [{"index": index, "image": prepare.image(sample, random.Random(0)), "references": list(sample.texts),
+                 "image_id": coco_image_id(sample.image_id, sample.key)} for index, sample in samples]
+
+    @torch.no_grad()
+    def predict(self, module: nn.Module, items: list[dict[str, Any]], data: DataConfig,
+                device: torch.device) -> list[dict[str, Any]]:
+        """``caption``: beam search from [CLS] over the image tokens."""
+        cfg = self.cfg
+        beam = BeamConfig(cfg.num_beams, cfg.min_length, cfg.max_length, cfg.length_penalty,
+                          no_repeat_ngram=cfg.no_repeat_ngram)
+        captions = module.generate(torch.stack([it["image"] for it in items]).to(device), beam)
+        return [{"caption": caption} for caption in captions]
+
     @torch.no_grad()
     def evaluate(self, module: nn.Module, samples: EvalSamples, data: DataConfig, batch_size: int,
                  device: torch.device) -> EvalResult:
-        cfg = self.cfg
-        prepare = Preparer(dataclasses.replace(data, task="caption", train=False))
-        items = []
-        for index, sample in samples:
-            item = prepare(sample, random.Random(0))
-            items.append({"index": index, "image": item["image"], "references": list(sample.texts),
-                          "image_id": coco_image_id(sample.image_id, sample.key)})
-        beam = BeamConfig(cfg.num_beams, cfg.min_length, cfg.max_length, cfg.length_penalty,
-                          no_repeat_ngram=cfg.no_repeat_ngram)
         constant = self.most_frequent_caption(data)
-        predictions = []
-        for chunk, real in lockstep_batches(items, batch_size, items[0] if items else None, device):
-            captions = module.generate(torch.stack([it["image"] for it in chunk]).to(device), beam)
-            if real:
-                predictions += [{"index": it["index"], "image_id": it["image_id"], "caption": caption,
-                                 "references": it["references"]} for it, caption in zip(chunk, captions)]
+        predictions = predict_in_lockstep(self, module, self.eval_items(samples, data), data, batch_size, device,
+                                          keep=("index", "image_id", "references"))
         gathered = gather_to_rank0(predictions)
         if gathered is None:
             return EvalResult()
@@ -134,7 +137,7 @@ class CaptionTask(FinetuneTask):
         by_id = {p["index"]: p for p in merged}  # sample indices: unique even when image ids repeat
         references = {i: p["references"] for i, p in by_id.items()}
         metrics, self._spice_note = caption_metrics(references, {i: p["caption"] for i, p in by_id.items()},
-                                                    spice=cfg.spice)
+                                                    spice=self.cfg.spice)
         metrics["num_images"] = float(len(merged))
         if constant is None:  # no training annotations readable: the evaluation references' most frequent caption
             constant = Counter(pre_caption(r, 50) for p in merged for r in p["references"]).most_common(1)[0][0]
@@ -145,7 +148,8 @@ class CaptionTask(FinetuneTask):
 
     def panel(self, sample: Sample, prediction: dict[str, Any]) -> Panel:
         lines = [f"generated: {prediction['caption']}"]
-        return Panel(images=[sample.image], lines=lines + [f"reference: {r}" for r in prediction["references"][:1]])
+        references = prediction.get("references") or []  # none for an image of one's own
+        return Panel(images=[sample.image], lines=lines + [f"reference: {r}" for r in references[:1]])
 
 
 def frequent_caption(data: DataConfig, limit: int) -> str | None:

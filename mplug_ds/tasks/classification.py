@@ -22,10 +22,10 @@ from mplug_ds.data.data_config import DataConfig, SourceConfig
 from mplug_ds.data.sample import Sample
 from mplug_ds.data.transforms import pre_caption
 from mplug_ds.eval.classification import classification_accuracy, majority_baseline, text_only_baseline
-from mplug_ds.eval.distributed import gather_to_rank0, lockstep_batches, merge_predictions
+from mplug_ds.eval.distributed import gather_to_rank0, merge_predictions
 from mplug_ds.eval.pictures import Panel
 from mplug_ds.models.mplug import MPLUG
-from mplug_ds.tasks.base import EvalResult, EvalSamples, FinetuneTask
+from mplug_ds.tasks.base import FUSED, EvalResult, EvalSamples, SampleTask, predict_in_lockstep
 from mplug_ds.tasks.train_stats import on_rank0, training_annotations
 
 Batch = dict[str, torch.Tensor]
@@ -80,12 +80,13 @@ class ClassificationModel(nn.Module, ABC):
         return {"loss": F.cross_entropy(self.logits(batch), batch["label"])}
 
 
-class ClassificationTask(FinetuneTask):
+class ClassificationTask(SampleTask):
     """A task that predicts one of ``label_names`` per sample; metric: accuracy."""
 
     loss_keys = ("loss",)
     metric = "acc"
     head_prefixes = ("head.",)
+    uses = FUSED
     config_type = ClassificationConfig
     label_names: ClassVar[tuple[str, ...]]  # index = label id of the shards
     input_keys: ClassVar[tuple[str, ...]]  # batch tensors ``logits`` reads
@@ -107,6 +108,20 @@ class ClassificationTask(FinetuneTask):
         return (f"acc: {acc:.4f} vs majority class {best:.4f}{ratio} (chance {1 / len(self.label_names):.4f}"
                 f"{text_only})")
 
+    def eval_items(self, samples: EvalSamples, data: DataConfig) -> list[dict[str, Any]]:
+        prepare = Preparer(dataclasses.replace(data, task=self.sample_task, train=False))
+        return [prepare(sample, random.Random(0)) | {"index": index, "split": sample.split}
+                for index, sample in samples]
+
+    @torch.no_grad()
+    def predict(self, module: nn.Module, items: list[dict[str, Any]], data: DataConfig,
+                device: torch.device) -> list[dict[str, Any]]:
+        """``pred`` (class id), ``answer`` (its name) and ``probs`` (softmax of the head's logits, 6 decimals)."""
+        batch = self.collate(items, data.max_len)
+        probs = module.logits({k: batch[k].to(device) for k in self.input_keys}).softmax(dim=-1).cpu()
+        return [{"pred": int(p.argmax()), "answer": self.label_names[int(p.argmax())],
+                 "probs": [round(float(v), 6) for v in p]} for p in probs]
+
     @torch.no_grad()
     def evaluate(self, module: nn.Module, samples: EvalSamples, data: DataConfig, batch_size: int,
                  device: torch.device) -> EvalResult:
@@ -114,28 +129,22 @@ class ClassificationTask(FinetuneTask):
             self._text_prior = on_rank0(
                 lambda: training_label_of_text(data.sources, self.cfg.train_scan_samples, data.max_words))
         label_of_text, fallback = self._text_prior
-        prepare = Preparer(dataclasses.replace(data, task=self.sample_task, train=False))
-        items = [prepare(sample, random.Random(0)) | {"index": index, "split": sample.split}
-                 for index, sample in samples]
-        predictions = []
-        for chunk, real in lockstep_batches(items, batch_size, items[0] if items else None, device):
-            batch = self.collate(chunk, data.max_len)
-            probs = module.logits({k: batch[k].to(device) for k in self.input_keys}).softmax(dim=-1).cpu()
-            if real:
-                predictions += [{"index": it["index"], "key": it["key"], "split": it["split"], "text": it["text"],
-                                 "label": it["label"], "pred": int(p.argmax()),
-                                 "answer": self.label_names[int(p.argmax())], "truth": self.label_names[it["label"]],
-                                 "probs": [round(float(v), 6) for v in p]}
-                                for it, p in zip(chunk, probs)]
+        predictions = predict_in_lockstep(self, module, self.eval_items(samples, data), data, batch_size, device,
+                                          keep=("index", "key", "split", "text", "label"))
         gathered = gather_to_rank0(predictions)
         if gathered is None:
             return EvalResult()
-        merged = merge_predictions(gathered)
+        merged = [p | {"truth": self.label_names[p["label"]]} for p in merge_predictions(gathered)]
         baseline = majority_baseline(merged) | text_only_baseline(merged, label_of_text, fallback)
         return EvalResult(metrics=classification_accuracy(merged), baseline=baseline,
                           results=merged, predictions=merged)
 
     def panel(self, sample: Sample, prediction: dict[str, Any]) -> Panel:
-        return Panel(images=list(sample.images) or [sample.image],
+        images = list(sample.images) or [sample.image]
+        probability = max(prediction["probs"])
+        if prediction.get("truth") is None:  # a text of one's own: no label
+            return Panel(images=images, lines=[prediction["text"],
+                                               f"predicted {prediction['answer']} (p {probability:.2f})"])
+        return Panel(images=images,
                      lines=[prediction["text"], f"predicted {prediction['answer']} · truth {prediction['truth']}"],
                      correct=prediction["answer"] == prediction["truth"])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -11,18 +12,22 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import yaml
 
-from mplug_ds.config import ConfigError, config_keys, format_config_keys
+from mplug_ds.config import ConfigError, config_keys, config_path, format_config_keys, to_dict
+from mplug_ds.data.data_config import check_full_batches
 from mplug_ds.engine.cli import EXIT_CONFIG_ERROR, add_run_arguments, run_overrides, write_plot
 from mplug_ds.engine.validate import validate_engine
 from mplug_ds.models.config import ModelConfig, load_model_config
+from mplug_ds.runtime import watchdog
+from mplug_ds.runtime.atomic import atomic_write_text
 from mplug_ds.runtime.failure import exit_hard_on_failure
 from mplug_ds.runtime.launch_env import (EXIT_PORT_IN_USE, PortInUseError, WorldInfo, init_distributed,
                                          limit_cpu_threads, start_rank)
 from mplug_ds.tasks import TASKS, build_task
 from mplug_ds.tasks.checks import check_task_shards
 from mplug_ds.tasks.finetune_config import FinetuneConfig, load_finetune_config
-from mplug_ds.tasks.pretrained import EXPORT_FILE, check_pretrained, check_task_weights
+from mplug_ds.tasks.pretrained import EXPORT_FILE, check_pretrained, check_task_weights, check_trained
 from mplug_ds.tasks.recipe import ResolvedTask, TaskRecipe, resolve_task_shards
 
 
@@ -79,6 +84,10 @@ def validate_task(cfg: FinetuneConfig, world_size: int) -> ResolvedTask:
     task.check_run(cfg.batch.micro_batch_per_gpu, cfg.batch.micro_batch_per_gpu * world_size)
     if cfg.eval.every_steps < 0 or cfg.eval.batch_size < 1:
         raise ConfigError("eval.every_steps must be >= 0 and eval.batch_size >= 1")
+    try:
+        check_full_batches(cfg.data.pipeline, "data.pipeline")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if cfg.task.pretrained:
         check_pretrained(cfg.task.pretrained, model)
     sources, eval_shards = [], None
@@ -103,18 +112,29 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+def demo_pretrain_fingerprint(overrides: Sequence[str]) -> str:
+    """12 hex digits of the demo pre-training's recipe: its pre-training and model configs and ``overrides``."""
+    digest = hashlib.sha1()
+    for path in (config_path("pretrain", "demo"), config_path("models", "demo")):
+        digest.update(path.read_bytes())
+    digest.update("\0".join(overrides).encode())
+    return digest.hexdigest()[:12]
+
+
 def ensure_demo_pretrained(cfg: FinetuneConfig) -> Path:
-    """The demo pre-training checkpoint (an export under ``<cache_dir>/pretrained``); made first if missing by
-    running the demo pre-training (``launch/pretrain.py``) in one process and exporting its last checkpoint."""
+    """The demo pre-training checkpoint (an export under ``<cache_dir>/world-*/pretrained-<recipe>``); made first if
+    missing by running the demo pre-training (``launch/pretrain.py``) in one process and exporting its last
+    checkpoint."""
     from mplug_ds.engine.export import export_checkpoint
 
     from mplug_ds.data.demo_shards import world_dir
 
     cache = Path(cfg.data.cache_dir).expanduser()
-    export = world_dir(cache) / "pretrained"  # a checkpoint of this demo world
+    recipe = demo_pretrain_fingerprint(cfg.task.demo_pretrain)  # a changed demo recipe trains a new checkpoint
+    export = world_dir(cache) / f"pretrained-{recipe}"  # a checkpoint of this demo world and recipe
     if (export / EXPORT_FILE).is_file():
         return export
-    run_dir = world_dir(cache) / "pretrain_run"
+    run_dir = world_dir(cache) / f"pretrain_run-{recipe}"
     print(f"no demo pre-training checkpoint in {export}: running the demo pre-training first ({run_dir})", flush=True)
     code = "import sys; from mplug_ds.objectives.cli import main; sys.exit(main())"
     # One process with ZeRO kept: DeepSpeed's zero_to_fp32 (the export) cannot read a stage-0 checkpoint.
@@ -164,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("--evaluate needs --pretrained (the weights to evaluate)")
         if args.evaluate and cfg.task.pretrained:
             check_task_weights(cfg.task.pretrained, cfg.task.name, resolved.task.head_prefixes)
+            check_trained(cfg.task.pretrained, cfg.task.name, resolved.task.uses)
         if cfg.data.source == "demo":
             prepare_demo(cfg, resolved, world)
     except ConfigError as err:
@@ -217,8 +238,16 @@ def evaluate_only(cfg: FinetuneConfig, resolved: ResolvedTask, world: WorldInfo)
     data = task_data_config(cfg, resolved.model, resolved.task, False, resolved.train_sources)
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
+    results = out / "eval" / "evaluate.json"
+    if world.rank == 0:  # the settings it ran with, beside its results (mplug_ds.load(..., config=…) repeats them)
+        results.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(results.with_suffix(".config.yaml"), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    dog = watchdog.HangWatchdog(out, world, cfg.run.hang_timeout_s,
+                                watchdog.LONG_FRACTION * cfg.run.collective_timeout_s).start()
+    watchdog.phase("evaluation", 0)
     result = run_evaluation(resolved.task, module, resolved.eval_shards, data, cfg.eval.batch_size,
-                            cfg.eval.max_samples, device, out / "eval" / "evaluate.json" if world.rank == 0 else None)
+                            cfg.eval.max_samples, device, results if world.rank == 0 else None)
+    dog.stop()
     if world.rank == 0:
         print(report.format() + (f"\nloaded {head} tensors of the task head" if head else ""), flush=True)
         record = {"event": "eval", "time": time.time(), "checkpoint": cfg.task.pretrained, **result.metrics,

@@ -51,13 +51,15 @@ def run_evaluation(task: FinetuneTask, module: nn.Module, shards: str, data: Dat
     return result
 
 
-def draw_predictions(task: FinetuneTask, samples: EvalSamples, predictions: list[dict], out: Path) -> Path | None:
+def draw_predictions(task: FinetuneTask, samples: EvalSamples, predictions: list[dict], out: Path,
+                     title: str | None = None) -> Path | None:
     """``SHOWN`` of this rank's evaluated samples, evenly spaced through them, with their predictions as a PNG at
-    ``out`` (``None`` when the task draws no panels)."""
+    ``out`` (``None`` when the task draws no panels) under ``title`` (default: which samples they are)."""
     by_index = {p["index"]: p for p in predictions if "index" in p}
     chosen = samples[::max(1, len(samples) // SHOWN)][:SHOWN]
     panels = [task.panel(sample, by_index[index]) for index, sample in chosen if index in by_index]
     panels = [panel for panel in panels if panel is not None]
     if not panels:
         return None
-    return draw_panels(panels, out, f"{task.name}: {len(panels)} evaluated samples, evenly spaced ({out.stem})")
+    title = title or f"{task.name}: {len(panels)} evaluated samples, evenly spaced ({out.stem})"
+    return draw_panels(panels, out, title)

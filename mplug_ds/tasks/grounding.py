@@ -24,12 +24,12 @@ from mplug_ds.data.sample import Sample
 from mplug_ds.data.tokenizer import unused_token_id
 from mplug_ds.data.transforms import box_from_letterbox
 from mplug_ds.eval.boxes import box_iou, cxcywh_to_xyxy, generalized_box_iou
-from mplug_ds.eval.distributed import gather_to_rank0, lockstep_batches, merge_predictions
+from mplug_ds.eval.distributed import gather_to_rank0, merge_predictions
 from mplug_ds.eval.grounding import IOU_THRESHOLD, grounding_accuracy, trivial_box_baselines
 from mplug_ds.eval.pictures import GROUND_TRUTH, PREDICTED, Panel
 from mplug_ds.models.generation import BeamConfig, beam_search
 from mplug_ds.models.mplug import MPLUG
-from mplug_ds.tasks.base import EvalResult, EvalSamples, FinetuneTask
+from mplug_ds.tasks.base import FUSED, EvalResult, EvalSamples, SampleTask, predict_in_lockstep
 
 NUM_BINS = 337  # bins 0..336; value = bin / 336 (the reference fixes 336 whatever the image resolution)
 BIN_SCALE = NUM_BINS - 1
@@ -122,7 +122,7 @@ def boxes_to_original(pred_cxcywh: torch.Tensor, image_size: torch.Tensor, res: 
     return [box_from_letterbox(box, int(w), int(h), res) for box, (w, h) in zip(padded, image_size.tolist())]
 
 
-class GroundingTask(FinetuneTask):
+class GroundingTask(SampleTask):
     """RefCOCO-style grounding: Acc@IoU≥0.5 overall and per split, boxes reported in original pixels."""
 
     name = "grounding"
@@ -131,6 +131,7 @@ class GroundingTask(FinetuneTask):
     metric = "acc"
     config_type = GroundingConfig
     required_fields = ("texts", "boxes")
+    uses = (*FUSED, "decoder.")
 
     def build(self, model: MPLUG) -> GroundingModel:
         return GroundingModel(model, self.cfg)
@@ -141,23 +142,24 @@ class GroundingTask(FinetuneTask):
         ratio = f" = {acc / best:.1f}×" if best > 0 else ""
         return f"acc (Acc@IoU≥0.5): {acc:.4f} vs best trivial box ({name}) {best:.4f}{ratio}"
 
+    def eval_items(self, samples: EvalSamples, data: DataConfig) -> list[dict[str, Any]]:
+        prepare = Preparer(dataclasses.replace(data, task="grounding", train=False))
+        return [prepare(sample, random.Random(0)) | {"index": index} for index, sample in samples]
+
+    @torch.no_grad()
+    def predict(self, module: nn.Module, items: list[dict[str, Any]], data: DataConfig,
+                device: torch.device) -> list[dict[str, Any]]:
+        """``pred_box``: the greedily decoded box, xyxy in the pixels of the original image."""
+        batch = collate_grounding(items, data.max_len)
+        tensors = {k: batch[k].to(device) for k in ("image", "text_ids", "text_mask")}
+        boxes = boxes_to_original(module.predict_boxes(tensors), batch["image_size"], data.image_res)
+        return [{"pred_box": box} for box in boxes]
+
     @torch.no_grad()
     def evaluate(self, module: nn.Module, samples: EvalSamples, data: DataConfig, batch_size: int,
                  device: torch.device) -> EvalResult:
-        prepare = Preparer(dataclasses.replace(data, task="grounding", train=False))
-        items = []
-        for index, sample in samples:
-            item = prepare(sample, random.Random(0))
-            items.append(item | {"index": index})
-        predictions = []
-        for chunk, real in lockstep_batches(items, batch_size, items[0] if items else None, device):
-            batch = collate_grounding(chunk, data.max_len)
-            tensors = {k: batch[k].to(device) for k in ("image", "text_ids", "text_mask")}
-            boxes = boxes_to_original(module.predict_boxes(tensors), batch["image_size"], data.image_res)
-            if real:
-                predictions += [{"index": it["index"], "key": it["key"], "split": it["split"], "text": it["text"],
-                                 "pred_box": box, "gt_box": it["gt_box"], "image_size": list(it["image_size"])}
-                                for it, box in zip(chunk, boxes)]
+        predictions = predict_in_lockstep(self, module, self.eval_items(samples, data), data, batch_size, device,
+                                          keep=("index", "key", "split", "text", "gt_box", "image_size"))
         gathered = gather_to_rank0(predictions)
         if gathered is None:
             return EvalResult()
@@ -166,7 +168,11 @@ class GroundingTask(FinetuneTask):
                           results=merged, predictions=merged)
 
     def panel(self, sample: Sample, prediction: dict[str, Any]) -> Panel:
+        predicted = (prediction["pred_box"], PREDICTED, "predicted")
+        if prediction.get("gt_box") is None:  # an expression of one's own: no true box
+            box = ", ".join(f"{v:.0f}" for v in prediction["pred_box"])
+            return Panel(images=[sample.image], lines=[prediction["text"], f"box [{box}]"], boxes=[predicted])
         iou = float(box_iou(torch.tensor([prediction["pred_box"]]), torch.tensor([prediction["gt_box"]]))[0])
-        boxes = [(prediction["gt_box"], GROUND_TRUTH, "truth"), (prediction["pred_box"], PREDICTED, "predicted")]
+        boxes = [(prediction["gt_box"], GROUND_TRUTH, "truth"), predicted]
         return Panel(images=[sample.image], lines=[prediction["text"], f"IoU {iou:.2f}"], correct=iou >= IOU_THRESHOLD,
                      boxes=boxes)

@@ -7,9 +7,14 @@ Accepted paths:
     pre-training or fine-tuning (the wrapped model is kept under ``model.`` in both).
 The visual positional embedding is resized to the task resolution; every other tensor must match in shape.
 ``check_pretrained`` runs before any process starts work and reads only tensor shapes.
+
+A checkpoint may record tensors that were never trained (a converted release lacks some heads; a fine-tuning from
+it leaves the parts its task does not use as they were): ``untrained_parts`` names those a task uses, so that
+fine-tuning warns and evaluation refuses (``check_trained``).
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +24,7 @@ from safetensors.torch import load_file
 
 from mplug_ds.config import ConfigError
 from mplug_ds.engine.checkpoint import EXPORT_FILE, TASK_FILE, resolve_resume
+from mplug_ds.models import hub
 from mplug_ds.models.config import ModelConfig
 from mplug_ds.models.mplug import MPLUG, build_model
 from mplug_ds.models.vision import resize_pos_embed
@@ -178,3 +184,38 @@ def load_pretrained(model: MPLUG, path: str | Path) -> LoadReport:
     report.unexpected = sorted(set(state) - set(target))
     report.loaded = len(set(state) & set(target))
     return report
+
+
+def random_init_keys(path: str | Path) -> list[str]:
+    """The tensors a checkpoint records as never trained: an export's (or converted directory's)
+    ``model.safetensors`` metadata, a DeepSpeed run's ``random_init.yaml``; ``[]`` when it records none."""
+    path = Path(path).expanduser()
+    if (path / EXPORT_FILE).is_file():
+        return hub.random_init_keys(path)
+    tag = _deepspeed_tag(path)
+    if tag is None:
+        return []
+    from mplug_ds.engine.export import run_random_init
+
+    return run_random_init(tag)
+
+
+def untrained_parts(keys: list[str], uses: tuple[str, ...]) -> dict[str, int]:
+    """Of the never-trained ``keys``, those under the ``uses`` prefixes: tensor count per part of the model."""
+    return dict(sorted(Counter(k.split(".")[0] for k in keys if k.startswith(uses)).items()))
+
+
+def describe_untrained(path: str | Path, task: str, parts: dict[str, int]) -> str:
+    """One sentence naming what of ``path`` that ``task`` needs was never trained."""
+    listed = ", ".join(f"{name} ({n} tensor{'s' if n > 1 else ''})" for name, n in parts.items())
+    return (f"{path} left at random initialisation what task '{task}' uses: {listed} (the checkpoint it came "
+            "from did not contain them; see tools/convert_checkpoint.py's report)")
+
+
+def check_trained(path: str | Path, task: str, uses: tuple[str, ...]) -> None:
+    """Before any rank evaluates: ``ConfigError`` when ``path`` records a part ``task`` uses as never trained."""
+    parts = untrained_parts(random_init_keys(path), uses)
+    if parts:
+        raise ConfigError(f"--pretrained {describe_untrained(path, task, parts)}; evaluating it would only give "
+                          f"meaningless numbers: fine-tune '{task}' from it first, or pass a checkpoint that holds "
+                          "them")

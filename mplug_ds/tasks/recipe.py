@@ -16,6 +16,7 @@ from mplug_ds.data.demo_tasks import prepare_demo_task_shards
 from mplug_ds.data.pipeline import ShardLoader
 from mplug_ds.data.streams import EndlessShardBatches
 from mplug_ds.distributed import get_rank
+from mplug_ds.engine.checkpoint import RANDOM_INIT_FILE
 from mplug_ds.engine.recipe import Recipe, TrainStream
 from mplug_ds.engine.validate import ResolvedEngine
 from mplug_ds.models.config import ModelConfig
@@ -24,7 +25,7 @@ from mplug_ds.runtime.launch_env import WorldInfo
 from mplug_ds.tasks.base import EvalResult, FinetuneTask
 from mplug_ds.tasks.evaluation import run_evaluation
 from mplug_ds.tasks.finetune_config import FinetuneConfig
-from mplug_ds.tasks.pretrained import load_pretrained
+from mplug_ds.tasks.pretrained import describe_untrained, load_pretrained, random_init_keys, untrained_parts
 
 log = logging.getLogger("mplug_ds.train")
 
@@ -61,10 +62,17 @@ class TaskRecipe(Recipe):
     def __init__(self, cfg: FinetuneConfig, resolved: ResolvedTask, world: WorldInfo) -> None:
         self.cfg, self.resolved, self.world, self.task = cfg, resolved, world, resolved.task
         model = build_model(resolved.model)
+        self.random_init: list[str] = []  # tensors of the start checkpoint never trained that this run leaves so
         if cfg.task.pretrained:
             report = load_pretrained(model, cfg.task.pretrained)
+            never_trained = random_init_keys(cfg.task.pretrained)
+            self.random_init = [k for k in never_trained if not k.startswith(self.task.uses)]
+            parts = untrained_parts(never_trained, self.task.uses)
             if world.rank == 0:
                 log.info(report.format())
+                if parts:
+                    log.warning("--pretrained %s; fine-tuning trains them from there",
+                                describe_untrained(cfg.task.pretrained, self.task.name, parts))
         self.module = self.task.build(model)
         self.loss_keys = self.task.loss_keys
         self.metric = self.task.metric
@@ -138,7 +146,9 @@ class TaskRecipe(Recipe):
             self.module.load_extra_state(unflatten({k[7:]: v for k, v in state.items() if k.startswith("module.")}))
 
     def saved_configs(self) -> dict[str, dict[str, Any]]:
-        return {"model_config.yaml": to_dict(self.resolved.model)}
+        """The model config, and the tensors this run never trains (an export records them)."""
+        return {"model_config.yaml": to_dict(self.resolved.model),
+                RANDOM_INIT_FILE: {"pretrained": self.cfg.task.pretrained, "keys": self.random_init}}
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from mplug_ds.config import ConfigError
@@ -22,15 +23,15 @@ from mplug_ds.data.data_config import DataConfig
 from mplug_ds.data.sample import Sample
 from mplug_ds.data.tokenizer import get_tokenizer
 from mplug_ds.data.transforms import TestTransform, pre_caption
-from mplug_ds.distributed import all_gather, get_rank, get_world_size
-from mplug_ds.eval.distributed import all_gather_objects, gather_to_rank0, lockstep_batches, max_over_ranks
+from mplug_ds.distributed import all_gather, get_rank, get_world_size, range_over_ranks
+from mplug_ds.eval.distributed import all_gather_objects, gather_to_rank0, lockstep_batches
 from mplug_ds.eval.pictures import Panel
 from mplug_ds.eval.retrieval import chance_recalls, retrieval_recalls
 from mplug_ds.models.momentum import MomentumTeacher
 from mplug_ds.models.mplug import MPLUG
 from mplug_ds.objectives.pretrain import soft_cross_entropy
 from mplug_ds.runtime import collectives
-from mplug_ds.tasks.base import EvalResult, EvalSamples, FinetuneTask
+from mplug_ds.tasks.base import FUSED, EvalResult, EvalSamples, FinetuneTask
 
 SHOWN_TEXTS = 3  # captions per image in the evaluation's picture
 
@@ -203,6 +204,74 @@ def _encode(fn: Callable[[list[int]], torch.Tensor], n: int, batch_size: int, de
     return torch.cat(outs) if outs else torch.empty(0)
 
 
+def encode_images(model: MPLUG, images: torch.Tensor, batch_size: int, device: torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image tokens (fed to the matching head) and L2-normalised contrastive features of ``images``, on CPU."""
+    tokens = _encode(lambda p: model.encode_image(images[p].to(device)), len(images), batch_size, device)
+    return tokens, F.normalize(model.vision_proj(tokens[:, 0].to(device)).float(), dim=-1).cpu()
+
+
+def encode_texts(model: MPLUG, ids: torch.Tensor, mask: torch.Tensor, batch_size: int, device: torch.device
+                 ) -> torch.Tensor:
+    """L2-normalised contrastive features of tokenised texts, on CPU."""
+    return _encode(lambda p: model.text_feature(model.encode_text(ids[p].to(device), mask[p].to(device))),
+                   len(ids), batch_size, device)
+
+
+def top_candidates(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices ``(Q, k)`` of each query's ``k`` most similar bank rows, best first (4,096 query rows at a time)."""
+    if not len(queries):
+        return torch.empty(0, k, dtype=torch.long)
+    return torch.cat([(queries[s:s + 4096] @ bank.t()).topk(k, dim=1).indices for s in range(0, len(queries), 4096)])
+
+
+def matching_scores(model: MPLUG, tokens: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
+                    pairs: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    """The matching head's "match" logit of each ``(row of tokens, row of text_ids)`` pair ``(P, 2)``, on CPU."""
+    def itm(positions: list[int]) -> torch.Tensor:
+        p = pairs[positions]
+        ids, mask = text_ids[p[:, 1]].to(device), text_mask[p[:, 1]].to(device)
+        _, fused = model.fuse(tokens[p[:, 0]].to(device), model.encode_text(ids, mask), mask)
+        return model.itm_head(fused[:, 0]).float()[:, 1]
+
+    return _encode(itm, len(pairs), batch_size, device)
+
+
+def rerank(candidates: list[list[int]], score: Callable[[int, int], float]) -> list[list[int]]:
+    """Each query's candidates (contrastive order) sorted by ``score(query, candidate)``, highest first (stable)."""
+    return [sorted(c, key=lambda other, q=q: -score(q, other)) for q, c in enumerate(candidates)]
+
+
+@dataclass
+class Ranking:
+    """Images against texts: contrastive similarity of every pair, and each side's top-k re-ranked by matching."""
+
+    similarity: torch.Tensor  # (images, texts) cosine similarity of the contrastive features
+    image_to_texts: list[list[tuple[int, float]]]  # per image: (text, matching score), best first
+    text_to_images: list[list[tuple[int, float]]]  # per text: (image, matching score), best first
+
+
+@torch.no_grad()
+def rank_images_and_texts(model: MPLUG, images: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
+                          k_test: int, batch_size: int, device: torch.device) -> Ranking:
+    """In this process, what the evaluation ranks: every image against every text, the ``k_test`` most similar by
+    the contrastive features re-ranked by the matching head, both ways."""
+    tokens, image_feat = encode_images(model, images, batch_size, device)
+    text_feat = encode_texts(model, text_ids, text_mask, batch_size, device)
+    i2t = top_candidates(image_feat, text_feat, min(k_test, len(text_feat)))
+    t2i = top_candidates(text_feat, image_feat, min(k_test, len(image_feat)))
+    pairs = torch.unique(torch.cat([
+        torch.stack([torch.arange(len(i2t)).repeat_interleave(i2t.shape[1]), i2t.flatten()], dim=1),
+        torch.stack([t2i.flatten(), torch.arange(len(t2i)).repeat_interleave(t2i.shape[1])], dim=1)]), dim=0)
+    scores = matching_scores(model, tokens, text_ids, text_mask, pairs, batch_size, device)
+    score_of = {(int(i), int(t)): float(v) for (i, t), v in zip(pairs, scores)}
+    image_ranking = rerank(i2t.tolist(), lambda i, t: score_of[(i, t)])
+    text_ranking = rerank(t2i.tolist(), lambda t, i: score_of[(i, t)])
+    return Ranking(similarity=image_feat @ text_feat.t(),
+                   image_to_texts=[[(t, score_of[(i, t)]) for t in r] for i, r in enumerate(image_ranking)],
+                   text_to_images=[[(i, score_of[(i, t)]) for i in r] for t, r in enumerate(text_ranking)])
+
+
 @torch.no_grad()
 def evaluate_retrieval(model: MPLUG, data: RetrievalEvalData, batch_size: int, k_test: int,
                        device: torch.device) -> tuple[dict[str, float], dict[str, Any] | None]:
@@ -211,18 +280,17 @@ def evaluate_retrieval(model: MPLUG, data: RetrievalEvalData, batch_size: int, k
     Returns ``(metrics, rankings)`` on rank 0 (``rankings``: per image and per text the re-ranked candidate
     indices and scores), ``({}, None)`` elsewhere.
     """
-    if not data.indices:
-        raise ValueError(f"rank {get_rank()} got no evaluation image: the evaluation set needs at least as many "
-                         f"images as ranks ({get_world_size()})")
+    # One all-reduce: the longest text, and whether some rank got no image (every rank then raises, not one alone).
+    fewest, most = range_over_ranks([max((t.shape[1] for t in data.text_ids), default=0), len(data.indices)], device)
+    length = most[0]
+    if fewest[1] == 0:
+        raise ValueError(f"a rank got no evaluation image: the evaluation set needs at least as many images as "
+                         f"ranks ({get_world_size()})")
     images = torch.stack(data.images)
-    length = max_over_ranks(max(t.shape[1] for t in data.text_ids), device)  # one text length on every rank
     local_ids = torch.cat([F.pad(t, (0, length - t.shape[1])) for t in data.text_ids])  # pad id and mask are 0
     local_mask = torch.cat([F.pad(t, (0, length - t.shape[1])) for t in data.text_mask])
-    local_tokens = _encode(lambda p: model.encode_image(images[p].to(device)), len(images), batch_size, device)
-    local_image_feat = F.normalize(model.vision_proj(local_tokens[:, 0].to(device)).float(), dim=-1).cpu()
-    local_text_feat = _encode(lambda p: model.text_feature(model.encode_text(local_ids[p].to(device),
-                                                                             local_mask[p].to(device))),
-                              len(local_ids), batch_size, device)
+    local_tokens, local_image_feat = encode_images(model, images, batch_size, device)
+    local_text_feat = encode_texts(model, local_ids, local_mask, batch_size, device)
     # Global order: images by sample index, texts by their image then caption order.
     shared = all_gather_objects({"indices": data.indices, "counts": [len(t) for t in data.text_ids],
                                  "image_feat": local_image_feat, "text_feat": local_text_feat,
@@ -244,11 +312,10 @@ def evaluate_retrieval(model: MPLUG, data: RetrievalEvalData, batch_size: int, k
     n_images, n_texts = len(order), len(owner_texts)
     k_i2t, k_t2i = min(k_test, n_texts), min(k_test, n_images)
 
-    # Similarity rows of this rank: its images (i2t) and the texts of its images (t2i), in chunks.
-    i2t_top = (image_feat[mine] @ text_feat.t()).topk(k_i2t, dim=1).indices  # (my images, k)
+    # Similarity rows of this rank: its images (i2t) and the texts of its images (t2i).
+    i2t_top = top_candidates(image_feat[mine], text_feat, k_i2t)  # (my images, k)
     my_texts = [t for t in range(n_texts) if text_to_image[t] in local_of]  # texts live with their image
-    t2i_top = torch.cat([(text_feat[my_texts[s:s + 4096]] @ image_feat.t()).topk(k_t2i, dim=1).indices
-                         for s in range(0, len(my_texts), 4096)]) if my_texts else torch.empty(0, k_t2i).long()
+    t2i_top = top_candidates(text_feat[my_texts], image_feat, k_t2i)
     pairs_i2t = torch.stack([torch.tensor(mine).repeat_interleave(k_i2t), i2t_top.flatten()], dim=1)
     pairs_t2i = torch.stack([t2i_top.flatten(), torch.tensor(my_texts).repeat_interleave(k_t2i)], dim=1)
     # Every (image, text) pair is scored by the rank holding the image's tokens.
@@ -257,15 +324,9 @@ def evaluate_retrieval(model: MPLUG, data: RetrievalEvalData, batch_size: int, k
     is_mine[mine] = True
     routed = routed[is_mine[routed[:, 0]]]
     pairs = torch.unique(routed, dim=0)
-
-    def itm(positions: list[int]) -> torch.Tensor:
-        p = pairs[positions]
-        tokens = local_tokens[[local_of[int(i)] for i in p[:, 0]]].to(device)
-        ids, mask = text_ids[p[:, 1]].to(device), text_mask[p[:, 1]].to(device)
-        _, fused = model.fuse(tokens, model.encode_text(ids, mask), mask)
-        return model.itm_head(fused[:, 0]).float()[:, 1]
-
-    scores = _encode(itm, len(pairs), batch_size, device)
+    local_pairs = torch.stack([torch.tensor([local_of[int(i)] for i in pairs[:, 0]], dtype=torch.long),
+                               pairs[:, 1]], dim=1)
+    scores = matching_scores(model, local_tokens, text_ids, text_mask, local_pairs, batch_size, device)
     gathered = gather_to_rank0({"pairs": pairs, "scores": scores, "i2t": pairs_i2t, "t2i": pairs_t2i})
     if gathered is None:
         return {}, None
@@ -277,8 +338,8 @@ def evaluate_retrieval(model: MPLUG, data: RetrievalEvalData, batch_size: int, k
             itc_image[i].append(t)
         for i, t in part["t2i"].tolist():
             itc_text[t].append(i)
-    image_ranking = [sorted(c, key=lambda t, i=i: -score_of[(i, t)]) for i, c in enumerate(itc_image)]
-    text_ranking = [sorted(c, key=lambda i, t=t: -score_of[(i, t)]) for t, c in enumerate(itc_text)]
+    image_ranking = rerank(itc_image, lambda i, t: score_of[(i, t)])
+    text_ranking = rerank(itc_text, lambda t, i: score_of[(i, t)])
     metrics = retrieval_recalls(image_ranking, text_ranking, text_to_image)
     itc = retrieval_recalls(itc_image, itc_text, text_to_image)
     metrics |= {f"itc_{k}": v for k, v in itc.items()}
@@ -301,6 +362,7 @@ class RetrievalTask(FinetuneTask):
     metric = "r_mean"
     config_type = RetrievalConfig
     required_fields = ("texts",)
+    uses = (*FUSED, "vision_proj.", "text_proj.", "itm_head.", "temp")
 
     def build(self, model: MPLUG) -> RetrievalModel:
         return RetrievalModel(model, self.cfg)
@@ -322,18 +384,40 @@ class RetrievalTask(FinetuneTask):
         if self.cfg.k_test < 10:
             raise ConfigError(f"task.options.k_test={self.cfg.k_test} must be >= 10 (R@10 needs 10 candidates)")
 
+    @staticmethod
+    def prepare_image(image: Image.Image, data: DataConfig) -> torch.Tensor:
+        """An image as evaluation prepares it: resized to the model's resolution, normalised."""
+        return TestTransform(data.image_res)(image)
+
+    @staticmethod
+    def prepare_texts(texts: list[str], data: DataConfig) -> list[str]:
+        """Texts as evaluation prepares them (normalised and cut to ``max_words``; may become empty)."""
+        return [pre_caption(t, data.max_words) for t in texts]
+
+    @torch.no_grad()
+    def rank(self, model: MPLUG, images: list[Image.Image], texts: list[str], data: DataConfig, batch_size: int,
+             device: torch.device) -> Ranking:
+        """Every image against every text in this process, prepared and ranked as the evaluation does (the
+        evaluation ranks ``module.model``: only the MPLUG is needed, not the teacher and queue of training)."""
+        prepared = self.prepare_texts(texts, data)
+        empty = [i for i, t in enumerate(prepared) if not t]
+        if empty:
+            raise ValueError(f"text {empty[0]} ({texts[empty[0]]!r}) has no words left after normalisation")
+        ids, mask = tokenize(prepared, data.max_len)
+        pixels = torch.stack([self.prepare_image(image, data) for image in images])
+        return rank_images_and_texts(model, pixels, ids, mask, self.cfg.k_test, batch_size, device)
+
     @torch.no_grad()
     def evaluate(self, module: nn.Module, samples: EvalSamples, data: DataConfig, batch_size: int,
                  device: torch.device) -> EvalResult:
-        transform = TestTransform(data.image_res)
         eval_data = RetrievalEvalData([], [], [], [])
         for index, sample in samples:
-            captions = [c for c in (pre_caption(t, data.max_words) for t in sample.texts) if c]
+            captions = [c for c in self.prepare_texts(sample.texts, data) if c]
             if sample.image is None or not captions:
                 raise ValueError(f"evaluation sample {sample.key} needs an image and at least one caption")
             ids, mask = tokenize(captions, data.max_len)
             eval_data.indices.append(index)
-            eval_data.images.append(transform(sample.image))
+            eval_data.images.append(self.prepare_image(sample.image, data))
             eval_data.text_ids.append(ids)
             eval_data.text_mask.append(mask)
         metrics, rankings = evaluate_retrieval(module.model, eval_data, batch_size, self.cfg.k_test, device)
@@ -345,9 +429,11 @@ class RetrievalTask(FinetuneTask):
                           predictions=retrieved_texts(rankings, SHOWN_TEXTS))
 
     def panel(self, sample: Sample, prediction: dict[str, Any]) -> Panel:
-        lines = [f"{'✓' if right else '✗'} {text} ({score:.2f})" for text, score, right in prediction["texts"]]
+        """``prediction["texts"]``: (text, score, whether it is a caption of this image; ``None``: not known)."""
+        marks = {True: "✓", False: "✗", None: "·"}
+        lines = [f"{marks[right]} {text} ({score:.2f})" for text, score, right in prediction["texts"]]
         return Panel(images=[sample.image], lines=["captions retrieved for this image:", *lines],
-                     correct=bool(prediction["texts"]) and prediction["texts"][0][2])
+                     correct=prediction["texts"][0][2] if prediction["texts"] else None)
 
 
 def retrieved_texts(rankings: dict[str, Any], top: int) -> list[dict[str, Any]]:

@@ -25,12 +25,12 @@ from mplug_ds.data.collate import Preparer, collate_vqa, tokenize
 from mplug_ds.data.data_config import DataConfig
 from mplug_ds.data.sample import Sample
 from mplug_ds.data.tokenizer import CLS_ID, SEP_ID, get_tokenizer
-from mplug_ds.eval.distributed import gather_to_rank0, lockstep_batches, merge_predictions
+from mplug_ds.eval.distributed import gather_to_rank0, merge_predictions
 from mplug_ds.eval.pictures import Panel
 from mplug_ds.eval.vqa import normalize_answer, question_accuracy, vqa_accuracy
 from mplug_ds.models.generation import BeamConfig, beam_search, rank_answers
 from mplug_ds.models.mplug import MPLUG
-from mplug_ds.tasks.base import EvalResult, EvalSamples, FinetuneTask
+from mplug_ds.tasks.base import FUSED, EvalResult, EvalSamples, SampleTask, predict_in_lockstep
 from mplug_ds.tasks.train_stats import on_rank0, training_annotations
 
 Batch = dict[str, torch.Tensor]
@@ -104,7 +104,7 @@ class AnswerPrior:
     questions: int  # training questions read
 
 
-class VQATask(FinetuneTask):
+class VQATask(SampleTask):
     """VQA v2: the official accuracy (percent) overall and per answer type; baseline: the most frequent training
     answer given to every question."""
 
@@ -115,11 +115,13 @@ class VQATask(FinetuneTask):
     config_type = VQAConfig
     required_fields = ("texts",)
     results_name = "vqa_results"
+    uses = (*FUSED, "decoder.")
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(options)
         self._prior: AnswerPrior | None = None
         self._baseline_answer: str | None = None
+        self._ranked: tuple[list[str], torch.Tensor, torch.Tensor] | None = None  # mode=rank: candidates, tokenised
         cfg = self.cfg
         if cfg.mode not in ("generate", "rank"):
             raise ConfigError(f"task.options.mode={cfg.mode!r}: choose generate or rank")
@@ -154,34 +156,45 @@ class VQATask(FinetuneTask):
             raise ValueError("mode=rank found no training answers to rank: set task.options.answer_list")
         return answers
 
+    def eval_items(self, samples: EvalSamples, data: DataConfig) -> list[dict[str, Any]]:
+        prepare = Preparer(dataclasses.replace(data, task="vqa", train=False))
+        return [prepare(sample, random.Random(0)) | {"index": index,
+                                                     "human_answers": list(sample.extra.get("all_answers") or []),
+                                                     "answer_type": sample.extra.get("answer_type")}
+                for index, sample in samples]
+
+    def _rank_inputs(self, data: DataConfig) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """mode=rank: the candidate answers and their ``answer [SEP]`` ids and mask (read once)."""
+        if self._ranked is None:
+            candidates = self.candidate_answers(data)
+            ids, mask = tokenize([f"{a} [SEP]" for a in candidates], data.answer_max_len)
+            self._ranked = candidates, ids, mask
+        return self._ranked
+
+    @torch.no_grad()
+    def predict(self, module: nn.Module, items: list[dict[str, Any]], data: DataConfig,
+                device: torch.device) -> list[dict[str, Any]]:
+        """``answer``: beam search over the fused image-question memory, or (mode=rank) the best candidate."""
+        cfg = self.cfg
+        batch = collate_vqa(items, data.max_len, data.answer_max_len)
+        tensors = {k: batch[k].to(device) for k in ("image", "question_ids", "question_mask")}
+        if cfg.mode == "rank":
+            candidates, ids, mask = self._rank_inputs(data)
+            answers = module.rank(tensors, candidates, ids.to(device), mask.to(device), cfg.k_test)
+        else:
+            answers = module.generate(tensors, BeamConfig(cfg.num_beams, cfg.min_length, cfg.max_length,
+                                                          cfg.length_penalty))
+        return [{"answer": answer} for answer in answers]
+
     @torch.no_grad()
     def evaluate(self, module: nn.Module, samples: EvalSamples, data: DataConfig, batch_size: int,
                  device: torch.device) -> EvalResult:
-        cfg = self.cfg
-        prepare = Preparer(dataclasses.replace(data, task="vqa", train=False))
-        items = []
-        for index, sample in samples:
-            item = prepare(sample, random.Random(0))
-            items.append(item | {"index": index, "human_answers": list(sample.extra.get("all_answers") or []),
-                                 "answer_type": sample.extra.get("answer_type")})
-        beam = BeamConfig(cfg.num_beams, cfg.min_length, cfg.max_length, cfg.length_penalty)
-        if cfg.mode == "rank":
-            candidates = self.candidate_answers(data)
-            answer_ids, answer_mask = (t.to(device) for t in tokenize([f"{a} [SEP]" for a in candidates],
-                                                                       data.answer_max_len))
+        items = self.eval_items(samples, data)
+        if self.cfg.mode == "rank":  # the candidates are read (on rank 0, shared) before the first batch
+            self._rank_inputs(data)
         prior = self.answer_prior(data)
-        predictions = []
-        for chunk, real in lockstep_batches(items, batch_size, items[0] if items else None, device):
-            batch = collate_vqa(chunk, data.max_len, data.answer_max_len)
-            tensors = {k: batch[k].to(device) for k in ("image", "question_ids", "question_mask")}
-            if cfg.mode == "rank":
-                answers = module.rank(tensors, candidates, answer_ids, answer_mask, cfg.k_test)
-            else:
-                answers = module.generate(tensors, beam)
-            if real:
-                predictions += [{"index": it["index"], "question_id": it["question_id"], "question": it["question"],
-                                 "answer": answer, "human_answers": it["human_answers"],
-                                 "answer_type": it["answer_type"]} for it, answer in zip(chunk, answers)]
+        predictions = predict_in_lockstep(self, module, items, data, batch_size, device,
+                                          keep=("index", "question_id", "question", "human_answers", "answer_type"))
         gathered = gather_to_rank0(predictions)
         if gathered is None:
             return EvalResult()
@@ -199,9 +212,12 @@ class VQATask(FinetuneTask):
         return EvalResult(metrics=metrics, baseline=baseline, results=results, predictions=merged)
 
     def panel(self, sample: Sample, prediction: dict[str, Any]) -> Panel:
-        score = question_accuracy(prediction["answer"], prediction["human_answers"])
-        humans = Counter(prediction["human_answers"]).most_common(3)
-        return Panel(images=[sample.image], correct=score > 0 if prediction["human_answers"] else None,
+        human_answers = prediction.get("human_answers") or []  # none for a question of one's own
+        if not human_answers:
+            return Panel(images=[sample.image], lines=[prediction["question"], f"answer: {prediction['answer']}"])
+        score = question_accuracy(prediction["answer"], human_answers)
+        humans = Counter(human_answers).most_common(3)
+        return Panel(images=[sample.image], correct=score > 0,
                      lines=[prediction["question"], f"answer: {prediction['answer']} (accuracy {score:.2f})",
                             "annotators: " + ", ".join(f"{a} ×{n}" for a, n in humans)])
 

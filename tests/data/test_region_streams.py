@@ -14,9 +14,8 @@ from mplug_ds.data.demo_shards import prepare_demo_shards, world_dir
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("demo")
-    return cache, prepare_demo_shards(cache, regions=True)
+def demo(demo_cache):
+    return demo_cache, prepare_demo_shards(demo_cache, regions=True)  # already there: read back
 
 
 def _stream(cache, pattern, split, task, batch):

@@ -17,9 +17,8 @@ RES, PATCH = 64, 16
 
 
 @pytest.fixture(scope="module")
-def demo_data(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("demo_cache")
-    return load_train_config("demo", [f"data.cache_dir={cache}"]).data  # the demo's own pipeline settings
+def demo_data(demo_cache):
+    return load_train_config("demo", [f"data.cache_dir={demo_cache}"]).data  # the demo's own pipeline settings
 
 
 def test_demo_stream_restores_its_position_exactly(demo_data):

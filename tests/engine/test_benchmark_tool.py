@@ -13,8 +13,11 @@ from tests.processes import run_checked
 @pytest.mark.slow
 def test_benchmark_runs_the_training_step_on_30_token_captions_and_reports_throughput():
     out = run_checked([sys.executable, ROOT / "tools" / "benchmark.py", "--model", "tiny", "--steps", "2",
-                       "--warmup", "1", "--batch", "4", "--text-len", "30", "--json"], 300)
-    result = json.loads(out.strip().splitlines()[-1])
+                       "--warmup", "1", "--batch", "4", "--text-len", "30", "--json", "--watchdog", "--repeats", "1"],
+                      300)
+    result = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
+    assert result["watchdog_on_step_time_s"] > 0 and result["watchdog_off_step_time_s"] > 0
+    assert "hang watchdog on vs off (1 interleaved pairs of 2 steps, same engine): " in out
     assert result["text_len"] == 30  # every caption reaches the model padded to --text-len, as in training
     assert result["skipped_batches"] == 0  # the trainer's step (with its non-finite guard) was timed
     assert result["samples_per_s"] > 0 and result["step_time_s"] > 0

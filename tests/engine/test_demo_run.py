@@ -14,7 +14,7 @@ from mplug_ds.runtime.launch_env import free_port
 from tests.engine.engine_runs import DEEPSPEED, PRETRAIN, records
 from tests.processes import run
 
-SHORT_STEPS = 300
+SHORT_STEPS = 150
 
 
 @pytest.mark.slow

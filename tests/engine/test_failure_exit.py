@@ -5,15 +5,21 @@ block SIGTERM, which used to keep a failed rank alive forever) and asserts that 
 within 60 s of the first traceback. Disk-full and transform failures are injected by tests/engine/faults.
 """
 import os
+import re
 import signal
 
 import pytest
 
 from mplug_ds.engine.checkpoint import latest_complete, tag_for
 from tests.data.shard_utils import write_caption_shards, write_manifest
-from tests.engine.engine_runs import deepspeed_command, records, run_until_all_exit, step_losses
+from tests.engine.engine_runs import deepspeed_command as _command
+from tests.engine.engine_runs import records, run_until_all_exit, step_losses
 
 LIMIT = 60.0
+
+
+def deepspeed_command(out, args):
+    return _command(out, args, launcher="deepspeed")  # the launcher's part in ending a job is under test
 
 
 def shard_args(tmp_path, n_shards=4, per_shard=16):
@@ -32,6 +38,8 @@ def test_disk_full_while_checkpointing_ends_every_rank(tmp_path):
     assert ended.code != 0
     assert "No space left on device" in ended.output
     assert "rank 0: failed (OSError" in ended.output
+    report = (tmp_path / "run" / "hang" / "report.txt").read_text()  # the peer saw a lost rank; the report says why
+    assert "What happened: rank 0 failed (checkpoint at step 2): OSError: [Errno 28] No space left on device" in report
 
 
 @pytest.mark.slow
@@ -40,6 +48,10 @@ def test_transform_error_in_a_loader_worker_ends_every_rank(tmp_path):
                                fault="transform:1:10")
     assert ended.code != 0
     assert "injected transform failure" in ended.output and "rank 1: failed" in ended.output
+    report = (tmp_path / "run" / "hang" / "report.txt").read_text()
+    assert re.search(r"What happened: rank 1 failed \(step \d+, micro_batch 1/1, samples_seen \d+\): "
+                     r"RuntimeError: Caught RuntimeError in DataLoader worker process 0\. … "
+                     r"RuntimeError: injected transform failure at image 10", report), report
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ through a ``.deepspeed_env`` file (``DS_ENV_FILE``).
 import getpass
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -21,7 +22,7 @@ import torch
 
 from mplug_ds.engine.checkpoint import COMPLETE, complete_checkpoints, rank_state_file
 from mplug_ds.runtime.launch_env import free_port
-from tests.engine.engine_runs import DEEPSPEED, PRETRAIN, records, step_losses
+from tests.engine.engine_runs import DEEPSPEED, PRETRAIN, records, run_until_all_exit, step_losses
 from tests.processes import REPO, child_env, kill_group, timeout, wait_for
 
 pytestmark = pytest.mark.slow  # an sshd, pdsh and a 2-rank run
@@ -100,15 +101,19 @@ def loopback_sshd(tmp_path):
         kill_group(sshd)
 
 
-def test_hostfile_launch_over_ssh_trains_one_world_of_two_ranks(loopback_sshd, tmp_path):
-    port, env = loopback_sshd
+def hostfile_command(tmp_path, port, out, *args):
+    """``deepspeed --hostfile`` over the loopback sshd: rank 0 on 127.0.0.1, rank 1 on 127.0.0.2."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("".join(f"{h} slots=1\n" for h in HOSTS))
+    return [str(DEEPSPEED), "--hostfile", str(hostfile), "--ssh_port", str(port), "--master_addr", HOSTS[0],
+            "--master_port", str(free_port()), str(PRETRAIN), "--config", "synthetic_tiny", "eval.retrieval=false",
+            "logging.progress_bar=false", f"run.output_dir={out}", *args]
+
+
+def test_hostfile_launch_over_ssh_trains_one_world_of_two_ranks(loopback_sshd, tmp_path):
+    port, env = loopback_sshd
     out = tmp_path / "run"
-    command = [str(DEEPSPEED), "--hostfile", str(hostfile), "--ssh_port", str(port), "--master_addr", HOSTS[0],
-               "--master_port", str(free_port()), str(PRETRAIN), "--config", "synthetic_tiny",
-               f"schedule.total_steps={STEPS}", "schedule.warmup_steps=1", "eval.retrieval=false",
-               "logging.progress_bar=false", f"run.output_dir={out}"]
+    command = hostfile_command(tmp_path, port, out, f"schedule.total_steps={STEPS}", "schedule.warmup_steps=1")
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -130,3 +135,28 @@ def test_hostfile_launch_over_ssh_trains_one_world_of_two_ranks(loopback_sshd, t
         state = torch.load(rank_state_file(tag_dir, rank), weights_only=True)
         assert state["data"] == {"next_index": STEPS, "seed": 42, "rank": rank}
         assert list(tag_dir.glob(f"*zero_pp_rank_{rank}_*optim_states.pt"))
+
+
+def test_a_rank_killed_on_the_second_node_is_named_missing_in_the_hang_report(loopback_sshd, tmp_path):
+    """The dead-peer case over SSH: rank 1 (node 127.0.0.2) SIGKILLs itself at step 3; rank 0 stops within seconds,
+    the report in the (here shared) run directory names rank 1, and its path reaches the launcher's output."""
+    port, env = loopback_sshd
+    with open(env["DS_ENV_FILE"], "a") as f:  # the fault reaches the "remote" ranks like any variable
+        f.write("MPLUG_DS_FAULT=sigkill:1:3\n")
+    out = tmp_path / "run"
+    command = hostfile_command(tmp_path, port, out, "schedule.total_steps=8", "logging.every_steps=1",
+                               "checkpoint.save_final=false", f"run.hang_timeout_s={timeout(3):g}")
+    ended = run_until_all_exit(command, 25.0, mark="step 2/8", fault="sigkill:1:3", env=env)
+    assert ended.code != 0
+    assert f"{HOSTS[0]}: rank 0: hang report: {out}/hang/report.txt" in ended.output  # through pdsh
+    report = (out / "hang" / "report.txt").read_text()
+    assert re.search(r"What happened: rank 1 wrote no report within \d+ s: gone \(killed, crashed\) or frozen", report)
+    wait_for(lambda: not _ranks_alive(out), 20)  # the ranks under sshd are gone too, not only the launcher
+
+
+def _ranks_alive(out):
+    for proc in psutil.process_iter(["cmdline"]):
+        if f"run.output_dir={out}" in " ".join(proc.info["cmdline"] or []) and "launch/pretrain.py" in " ".join(
+                proc.info["cmdline"] or []):
+            return True
+    return False

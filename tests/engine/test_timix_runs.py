@@ -48,13 +48,13 @@ def test_optimizer_steps_per_batch(world, tmp_path, order, per_batch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero, extra", [
-    ("zero2", []), ("zero3", ["deepspeed.precision=bf16", "model.overrides.grad_checkpointing=true"])])
-def test_demo_timix_runs_on_two_ranks(tmp_path, zero, extra):
-    steps = 4
+    ("zero2", []), ("zero3", ["model.overrides.grad_checkpointing=true"])])  # bf16 + ZeRO-3: test_zero_runs
+def test_demo_timix_runs_on_two_ranks(tmp_path, demo_cache, zero, extra):
+    steps = 3
     out = tmp_path / "run"
     run(deepspeed_command(out, ["--config", "demo_timix", f"deepspeed.config={zero}", f"schedule.total_steps={steps}",
                                 "schedule.warmup_steps=1", "schedule.alpha_warmup_steps=2",
-                                "timix.gamma_ramp_steps=2", f"data.cache_dir={tmp_path / 'cache'}",
+                                "timix.gamma_ramp_steps=2", f"data.cache_dir={demo_cache}",
                                 "eval.retrieval=false", "logging.progress_bar=false", *extra]), seconds=900)
     rows = step_losses(out)
     assert sorted(rows) == list(range(1, steps + 1))

@@ -15,6 +15,9 @@ from mplug_ds.models.config import load_model_config
 from mplug_ds.models.mplug import build_model
 from tests.processes import child_env, timeout
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+import timix_viz  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -29,22 +32,20 @@ def _export(out: Path, overrides: list[str]) -> Path:
 
 
 @pytest.mark.slow
-def test_timix_viz_writes_a_png_grid_and_refuses_a_model_without_predictor(tmp_path):
+def test_timix_viz_writes_a_png_grid_and_refuses_a_model_without_predictor(tmp_path, demo_cache, capsys):
     torch.manual_seed(0)
     export = _export(tmp_path / "timix", ["patch_predictor_layer=1"])
     png = tmp_path / "grid.png"
-    command = [sys.executable, str(ROOT / "tools" / "timix_viz.py"), "--demo-cache", str(tmp_path / "cache"),
-               "--images", "3", "--side", "2", "--out", str(png)]
-    done = subprocess.run(command[:2] + [str(export)] + command[2:], capture_output=True, text=True,
-                          timeout=timeout(300))
+    args = ["--demo-cache", str(demo_cache), "--images", "3", "--side", "2", "--out", str(png)]
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "timix_viz.py"), str(export), *args],
+                          capture_output=True, text=True, timeout=timeout(300))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == str(png)
     width, height = Image.open(png).size
     assert width > 1000 and height > 600  # 3 rows × 5 panels
     plain = _export(tmp_path / "plain", [])
-    refused = subprocess.run(command[:2] + [str(plain)] + command[2:], capture_output=True, text=True,
-                             timeout=timeout(300))
-    assert refused.returncode == 1 and "no patch predictor" in refused.stderr
+    assert timix_viz.main([str(plain), *args]) == 1
+    assert "no patch predictor" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -127,11 +127,11 @@ def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_process_group_saves_a_checkpoint_and_exits_zero(tmp_path):
+def test_sigterm_to_the_process_group_saves_a_checkpoint_and_exits_zero(tmp_path, demo_cache):
     """Plain ``python launch/pretrain.py`` on demo shards with a DataLoader worker; SIGTERM to the whole process
     group (as Slurm and the deepspeed launcher send it, killing the worker too) → checkpoint, exit status 0."""
     out = tmp_path / "run"
-    command = [sys.executable, str(PRETRAIN), f"run.output_dir={out}", f"data.cache_dir={tmp_path / 'cache'}",
+    command = [sys.executable, str(PRETRAIN), f"run.output_dir={out}", f"data.cache_dir={demo_cache}",
                "batch.micro_batch_per_gpu=4", "schedule.total_steps=100000", "checkpoint.every_steps=100000",
                "logging.progress_bar=false"]
     metrics = out / "metrics.jsonl"

@@ -111,12 +111,16 @@ def _bad_inputs(tmp_path):
         "output dir under a file": ([f"run.output_dir={tmp_path}/a_file/run"],
                                     ["run.output_dir", f"{tmp_path}/a_file", "--output-dir"]),
         "resume typo": (["--resume", "autoo"], ["run.resume", "autoo", "--resume auto"]),
+        "hang timeout above the backend's": (["run.hang_timeout_s=600"],
+                                             ["run.hang_timeout_s=600", "below run.collective_timeout_s=600"]),
+        "short last batches": (["data.pipeline.drop_last=false"], ["data.pipeline.drop_last must be true"]),
     }
 
 
 @pytest.mark.parametrize("case", ["missing manifest", "missing shard files", "zero stage 4", "misspelt nested key",
                                   "lr nan", "lr inf", "negative weight decay", "negative workers", "eval batch 0",
-                                  "log every 0", "output dir under a file", "resume typo"])
+                                  "log every 0", "output dir under a file", "resume typo",
+                                  "hang timeout above the backend's", "short last batches"])
 def test_bad_input_fails_before_work_naming_the_key_or_file(case, tmp_path, capsys):
     overrides, named = _bad_inputs(tmp_path)[case]
     out = tmp_path / "run"

@@ -159,14 +159,14 @@ def test_export_loads_into_a_plain_model(which, request, tmp_path):
     assert torch.equal(model.temp, online["temp"])
 
 
-def test_zero1_on_demo_shards(tmp_path):
+def test_zero1_on_demo_shards(tmp_path, demo_cache):
     """ZeRO-1 on 2 ranks over real demo shards (prepared once by local rank 0) with the partitioned momentum teacher,
     then exported with it."""
     run(deepspeed_command(tmp_path / "run", [
-        "--config", "demo", "deepspeed.config=zero1", f"data.cache_dir={tmp_path / 'cache'}",
+        "--config", "demo", "deepspeed.config=zero1", f"data.cache_dir={demo_cache}",
         "objective.distill=true", f"objective.momentum={MOMENTUM}", "checkpoint.every_steps=1",
-        "checkpoint.keep_last=3", "batch.micro_batch_per_gpu=4", "schedule.total_steps=3", "schedule.warmup_steps=1", "eval.max_samples=8",
-        "logging.progress_bar=false"]))
+        "checkpoint.keep_last=3", "batch.micro_batch_per_gpu=4", "schedule.total_steps=3", "schedule.warmup_steps=1",
+        "eval.max_samples=8", "logging.progress_bar=false"]))
     out = tmp_path / "run"
     steps = step_losses(out)
     assert sorted(steps) == [1, 2, 3] and steps[3]["samples"] == 3 * 4 * 2

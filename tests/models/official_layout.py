@@ -67,7 +67,9 @@ def _bert(v, prefix, cfg, layers, cross):
 
 def _lm_head(v, prefix, cfg, tied_to=None):
     h, vocab = cfg.text.hidden_size, cfg.text.vocab_size
-    return {f"{prefix}.predictions.bias": v(f"{prefix}.bias", vocab),
+    bias = v(f"{prefix}.bias", vocab)
+    return {f"{prefix}.predictions.bias": bias,
+            f"{prefix}.predictions.decoder.bias": bias,  # BERT ties it to predictions.bias: every release has it
             f"{prefix}.predictions.transform.dense.weight": v(f"{prefix}.dense", h, h),
             f"{prefix}.predictions.transform.dense.bias": v(f"{prefix}.dense.b", h),
             f"{prefix}.predictions.transform.LayerNorm.weight": v(f"{prefix}.LayerNorm.weight", h),
@@ -160,8 +162,9 @@ def map_by_hand(state: dict[str, torch.Tensor], cfg: ModelConfig, fusion_total: 
     for j, layer in enumerate(model.fusion.encoder.layer):
         drop = ("crossattention",) if layer.crossattention is None else ()
         layer.load_state_dict(sub(f"fusion_encoder.fusion.encoder.layer.{start + j}.", drop))
-    model.mlm_head.load_state_dict(sub("fusion_encoder.cls."))
-    model.decoder.load_state_dict(sub("text_decoder."))
+    alias = ("predictions.decoder.bias",)  # BERT's tied alias of predictions.bias: our heads have only that one
+    model.mlm_head.load_state_dict(sub("fusion_encoder.cls.", alias))
+    model.decoder.load_state_dict(sub("text_decoder.", alias))
     for name in ("vision_proj", "text_proj", "itm_head"):
         getattr(model, name).load_state_dict(sub(f"{name}."))
     model.temp.fill_(state["temp"].item())

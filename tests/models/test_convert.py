@@ -1,6 +1,7 @@
 """tools/convert_checkpoint.py on checkpoints in the released mPLUG layout (tiny here; base and large are slow)."""
 import gc
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from mplug_ds.engine.export import load_exported
 from mplug_ds.models.config import load_model_config
 from mplug_ds.models.hub import from_pretrained
 from tests.models.official_layout import forward_outputs, map_by_hand, official_checkpoint
+from tests.processes import REPO, child_env, timeout
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 import convert_checkpoint  # noqa: E402
@@ -34,6 +36,8 @@ def _check_model(tmp_path, capsys, name, image_size, overrides=()):
     reasons = " | ".join(report["dropped"].values())
     for expected in ("CLIP text tower", "dead fusion layer", "momentum copy", "queue", "tied to"):
         assert expected in reasons
+    for alias in ("text_decoder.cls.predictions.decoder.bias", "fusion_encoder.cls.predictions.decoder.bias"):
+        assert alias in state and report["dropped"][alias].startswith("alias of ")  # every real release has it
     converted = from_pretrained(tmp_path / "out")
     got = forward_outputs(converted, image_size)
     if cfg.name == "tiny":  # what model.init_from reads (a second copy: tiny only)
@@ -96,6 +100,20 @@ def test_wrong_model_is_refused_naming_the_key(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "has shape" in err and "'" in err and "--model" in err
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_json_report_is_all_of_stdout_when_run_as_a_command(tmp_path):
+    """A fresh interpreter (where importing DeepSpeed would log its accelerator line to stdout): stdout parses as
+    the JSON report; the warning about the heads left at random initialisation goes to stderr."""
+    torch.save(official_checkpoint(load_model_config("tiny"), pretrained=False, queues=False), tmp_path / "vqa.pth")
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), str(tmp_path / "vqa.pth"),
+                           str(tmp_path / "out"), "--model", "tiny", "--json"], cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=timeout(300))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["unexpected"] == [] and "itm_head.weight" in report["missing"]
+    assert "keep their random initialisation" in done.stderr and "itm_head" in done.stderr
 
 
 @pytest.mark.slow

@@ -12,7 +12,6 @@ from mplug_ds.models.hub import from_pretrained, save_pretrained
 from mplug_ds.models.mplug import MPLUG
 from mplug_ds.models.weights import init_public_weights, load_clip_visual, read_state_dict
 from mplug_ds.runtime.safe_load import UntrustedCheckpointError
-from tests.engine.engine_runs import deepspeed_command, run
 from tests.models.official_layout import official_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
@@ -120,12 +119,19 @@ def test_code_executing_pickle_is_refused_without_trust(tmp_path, capsys):
     assert marker.exists()  # what the flag vouches for: the file's code ran
 
 
-@pytest.mark.slow
-def test_pretraining_from_minilm_logs_the_load_report(tmp_path):
+def test_pretraining_from_minilm_logs_the_load_report(tmp_path, capsys):
+    """``model.init_text_from`` through the pre-training config: validated, loaded by the recipe, reported."""
+    from mplug_ds.objectives.pretrain_config import load_train_config, validate
+    from mplug_ds.objectives.pretrain_recipe import PretrainRecipe
+    from mplug_ds.runtime.launch_env import WorldInfo
+
     overrides = "{text: {hidden_size: 384, heads: 12, intermediate_size: 1536, max_position_embeddings: 512}, " \
                 "text_encoder_layers: 6}"
-    out = run(deepspeed_command(tmp_path / "run", [
-        "--config", "synthetic_tiny", f"model.overrides={overrides}", f"model.init_text_from={MINILM}",
-        "schedule.total_steps=2", "schedule.warmup_steps=0", "checkpoint.every_steps=100", "eval.retrieval=false",
-        "batch.micro_batch_per_gpu=2"], num_ranks=1))
+    cfg = load_train_config("synthetic_tiny", [f"model.overrides={overrides}", f"model.init_text_from={MINILM}",
+                                               f"run.output_dir={tmp_path}"])
+    recipe = PretrainRecipe(cfg, validate(cfg, world_size=1), WorldInfo(rank=0, local_rank=0, world_size=1))
+    out = capsys.readouterr().out
     assert f"init: text side <- {MINILM}" in out and "left at their initialisation" in out
+    bert = read_state_dict(MINILM / "model.safetensors")
+    assert torch.equal(recipe.module.model.decoder.bert.encoder.layer[1].attention.self.key.weight,
+                       bert["encoder.layer.1.attention.self.key.weight"])

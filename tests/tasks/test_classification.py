@@ -1,10 +1,10 @@
-"""NLVR2 and SNLI-VE: the heads, label names, accuracy and baseline, shard checks, exact 2-rank evaluation."""
+"""NLVR2 and SNLI-VE: the heads, label names, accuracy and baseline, shard checks (exact 2-rank evaluation:
+tests/tasks/test_task_evaluation_runs.py)."""
 import json
 
 import pytest
 import torch
 
-from mplug_ds.config import ConfigError
 from mplug_ds.data.formats import ReaderArgs, read_format
 from mplug_ds.data.formats.common import Skip
 from mplug_ds.data.tokenizer import get_tokenizer
@@ -13,13 +13,9 @@ from mplug_ds.models.mplug import build_model
 from mplug_ds.tasks import build_task
 from mplug_ds.tasks.cli import EXIT_CONFIG_ERROR, main
 from mplug_ds.tasks.nlvr2 import NLVR2Model
-from mplug_ds.tasks.pretrained import check_task_weights
 from tests.data.shard_utils import jpeg_bytes, write_caption_shards, write_manifest
-from tests.engine.engine_runs import run
-from tests.tasks.classification_data import write_nlvr2_shards, write_ve_shards
-from tests.tasks.task_data import assert_predictions_picture, shard_overrides, write_export
-from tests.tasks.test_finetune_runs import finetune
-from tools.export_checkpoint import main as export_main
+from tests.tasks.classification_data import write_ve_shards
+from tests.tasks.task_data import shard_overrides, write_export
 
 
 def _pair_batch(texts, seed):
@@ -90,46 +86,6 @@ def test_shards_without_the_task_fields_fail_before_training(single_process_env,
     assert "sample 'cap_000_000'" in err and "has no label" in err and "--format snli-ve" in err
     assert main(["--task", "ve", "--evaluate", "--pretrained", export, *shard_overrides(ve, ve)]) == EXIT_CONFIG_ERROR
     assert "evaluating task 've' needs its trained head (head.*)" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("task", ["nlvr2", "ve"])
-def test_evaluation_on_two_ranks_equals_one_rank_on_an_odd_set(tmp_path, task):
-    """One training step on 2 ranks, evaluated there (2 ranks) and again from its checkpoint on 1 rank."""
-    write = write_nlvr2_shards if task == "nlvr2" else write_ve_shards
-    shards = write(tmp_path / "data", task, [4, 3], ["dev", "test"])
-    data = ["--task", task, *shard_overrides(shards, shards), "eval.batch_size=2"]
-    trained = tmp_path / "trained"
-    run(finetune(trained, [*data, "--pretrained", str(write_export(tmp_path / "export")), "schedule.total_steps=1",
-                           "schedule.warmup_steps=1", "batch.micro_batch_per_gpu=2", "optim.lr=1e-2"], 2),
-        seconds=900)
-    output = run(finetune(tmp_path / "evaluated", [*data, "--evaluate", "--pretrained", str(trained)], 1), seconds=900)
-    assert_predictions_picture(output, tmp_path / "evaluated" / "eval" / "evaluate.png")
-    two = json.loads((trained / "eval" / "step_00000001.json").read_text())
-    one = json.loads((tmp_path / "evaluated" / "eval" / "evaluate.json").read_text())
-    assert one["metrics"] == two["metrics"] and one["metrics"]["num_samples"] == 7
-    assert {"acc/dev", "acc/test"} <= set(one["metrics"])
-    assert one["baseline"] == two["baseline"]
-    assert one["baseline"]["acc"] == pytest.approx((4 if task == "nlvr2" else 3) / 7)
-    assert 0 <= one["baseline"]["text_only"] <= 1  # from the training shards' labels
-    assert [p["index"] for p in two["results"]] == list(range(7))
-    assert [p["pred"] for p in one["results"]] == [p["pred"] for p in two["results"]]
-    for p_one, p_two in zip(one["results"], two["results"]):  # the trained head was loaded, not re-initialised
-        assert p_one["probs"] == pytest.approx(p_two["probs"], abs=1e-5)
-    names = build_task(task).label_names
-    assert [p["truth"] for p in two["results"]] == [names[i % len(names)] for i in range(7)]
-
-    # Its export carries the head: evaluating the export gives the same predictions; another task refuses it.
-    export = tmp_path / "export_trained"
-    assert export_main([str(trained), "--out", str(export)]) == 0
-    run(finetune(tmp_path / "from_export", [*data, "--evaluate", "--pretrained", str(export)], 1), seconds=900)
-    exported = json.loads((tmp_path / "from_export" / "eval" / "evaluate.json").read_text())
-    assert exported["metrics"] == one["metrics"]
-    for p_export, p_one in zip(exported["results"], one["results"]):
-        assert p_export["probs"] == pytest.approx(p_one["probs"], abs=1e-6)
-    other = "ve" if task == "nlvr2" else "nlvr2"
-    with pytest.raises(ConfigError, match=f"no '{other}' head: its task.safetensors is of task '{task}'"):
-        check_task_weights(export, other, build_task(other).head_prefixes)
 
 
 def test_text_only_baseline_answers_each_text_with_its_training_label():
