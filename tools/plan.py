@@ -8,7 +8,8 @@
 
 Prints per-device memory by kind (parameters, gradients, optimizer state, momentum teacher, ZeRO buffers,
 activations, runtime), the initialisation peak (DeepSpeed building its state while the fp32 teacher replica still
-exists; on a CPU device also the full fp32 model the recipe builds), host memory at start and offloaded host memory, and the analytic communication per optimizer step by part. ``--fit GIB``
+exists; on a CPU device also the full fp32 model the recipe builds), host memory at start and offloaded host
+memory, and the analytic communication per optimizer step by part. ``--fit GIB``
 answers the largest micro-batch whose predicted peak fits in GIB per device, or why none does and by how much.
 ``--device cpu`` predicts the resident memory of a CPU run (what the trainer logs as peak_mem_gb there).
 """

@@ -36,6 +36,8 @@ class MomentumTeacher:
     groups of their own (``group_key``). The teacher runs in eval mode (no dropout).
     """
 
+    partition = True  # False keeps the replicated teacher under ZeRO too (tools/benchmark.py's baseline)
+
     def __init__(self, online: MPLUG, momentum: float) -> None:
         self.momentum = momentum
         self.model = MPLUG(online.cfg, teacher=True).float().eval().requires_grad_(False)
@@ -54,7 +56,7 @@ class MomentumTeacher:
         """After ``deepspeed.initialize``: under ZeRO on several ranks, partition (from the fp32 copy where it was
         built, so the full copy never reaches the device); then move to the engine's device."""
         stage, world = int(engine.zero_optimization_stage()), engine.dp_world_size
-        if stage == 0 or world == 1 or any(not p.requires_grad for _, _, p in self.pairs):
+        if not self.partition or stage == 0 or world == 1 or any(not p.requires_grad for _, _, p in self.pairs):
             self._source = master_weight_source()  # the replicated teacher of a one-rank / stage-0 run
         else:
             bucket = int(engine.zero_prefetch_bucket_size()) if stage == 3 else 0

@@ -82,8 +82,9 @@ class Plan:
 
     @property
     def peak(self) -> float:
-        """The predicted peak: the larger of the step's and the initialisation's."""
-        return max(self.step_peak, self.init_peak)
+        """The predicted peak: the larger of the step's and the initialisation's (on a CPU device offloaded state
+        lives in the same memory and is added)."""
+        return max(self.step_peak, self.init_peak) + (self.host if self.device == "cpu" else 0.0)
 
 
 def plan_step(cfg: TrainConfig, model: ModelConfig, world_size: int, device: str = "cuda") -> Plan:
