@@ -15,6 +15,8 @@ from mplug_ds.engine.checkpoint import COMPLETE, TEACHER_FILE, complete_checkpoi
 from mplug_ds.engine.export import consolidate, export_checkpoint, load_exported, read_teacher
 from mplug_ds.models.config import load_model_config
 from mplug_ds.models.mplug import MPLUG
+from mplug_ds.objectives.plan import GIB, plan_step
+from mplug_ds.objectives.pretrain_config import load_train_config
 from tests.engine.engine_runs import deepspeed_command, records, run, step_losses
 from tests.processes import run as run_command
 from tests.processes import started, timeout, wait_for
@@ -147,6 +149,15 @@ def test_zero3_with_activation_checkpointing_trains_like_zero2(zero3_run, zero2_
         gap = sum((final3[k] - final2[k]).pow(2).sum() for k in keys).sqrt()
         moved = sum((final3[k] - first3[k]).pow(2).sum() for k in keys).sqrt()
         assert moved > 0.1 and gap < 0.1 * moved, f"{stack}: ZeRO-3 vs ZeRO-2 gap {gap:.4f}, update {moved:.4f}"
+
+
+def test_planner_predicts_the_runs_peak_memory(zero3_run, zero2_run):
+    """tools/plan.py's CPU prediction (resident memory per rank) is within ±15% of the peak the runs logged: ZeRO-3
+    with activation checkpointing and ZeRO-2 without, on 2 ranks."""
+    for out in (zero3_run, zero2_run):
+        plan = plan_step(load_train_config(out / "config.yaml"), load_model_config(out / "model_config.yaml"), 2, "cpu")
+        measured = max(rec["peak_mem_gb"] for rec in step_losses(out).values())
+        assert abs(plan.peak / GIB - measured) <= 0.15 * measured, (out.name, plan.peak / GIB, measured, plan.memory)
 
 
 @pytest.mark.parametrize("which", ["zero3_run", "zero2_run"])
