@@ -9,15 +9,20 @@
     deepspeed --num_gpus 2 tools/benchmark.py --model tiny --steps 20 --check-collectives
 
 Prints samples/s, step time, achieved TFLOP/s and MFU (FLOPs counted analytically from the config, see
-mplug_ds/engine/flops.py), and peak memory. ``--baseline-attn`` measures a second attention backend in the same
-run and prints the ratio; ``--timix`` measures the TiMix step (patch-text alignment + mixed pass, one optimizer
-step) and the plain step in the same run and prints TiMix / plain step time (TFLOP/s and MFU count the plain
-step's FLOPs in both lines). Each timed step is the trainer's own ``Trainer.optimizer_step`` (schedule, forward,
-non-finite guard, backward, optimizer step, momentum update, step record). Batches are synthetic, padded like
-training batches (``--text-len`` tokens per caption) and resident on the device, so data loading is not measured
-(tools/benchmark_data.py measures the loader). ``--watchdog`` times blocks of ``--steps`` steps with the hang watchdog
-off and on in turn (``--repeats`` pairs, the same engine) and prints the on / off step time; ``--check-collectives``
-measures a second engine with ``run.check_collectives`` (2+ ranks) and prints its step time / the plain one's.
+mplug_ds/engine/flops.py), and peak memory beside the peak ``tools/plan.py`` predicts for the same configuration.
+``--baseline-attn`` measures a second attention backend in the same run and prints the ratio; ``--timix`` measures
+the TiMix step (patch-text alignment + mixed pass, one optimizer step) and the plain step in the same run and prints
+TiMix / plain step time (TFLOP/s and MFU count the plain step's FLOPs in both lines). Each timed step is the
+trainer's own ``Trainer.optimizer_step`` (schedule, forward, non-finite guard, backward, optimizer step, momentum
+update, step record). On several ranks it also prints the communication of a step by part (ZeRO, teacher forward
+and update, ITA gathers, the loop's agreement), measured by the step's own accounting (``comm`` in metrics.jsonl),
+beside the analytic minimum for the stage (``objectives/plan.step_communication``); ``--replicated-teacher`` also
+measures the teacher replicated on every rank (the implementation before partitioning) and prints the two side by
+side. Batches are synthetic, padded like training batches (``--text-len`` tokens per caption) and resident on the
+device, so data loading is not measured (tools/benchmark_data.py measures the loader). ``--watchdog`` times blocks
+of ``--steps`` steps with the hang watchdog off and on in turn (``--repeats`` pairs, the same engine) and prints the
+on / off step time; ``--check-collectives`` measures a second engine with ``run.check_collectives`` (2+ ranks) and
+prints its step time / the plain one's.
 """
 from __future__ import annotations
 
@@ -29,12 +34,15 @@ import json
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from mplug_ds.engine.flops import TextLengths, device_peak_tflops, pretrain_flops_per_sample
 from mplug_ds.engine.logging import peak_memory_gb
+from mplug_ds.objectives.plan import GIB, plan_step, step_communication
 from mplug_ds.objectives.pretrain_config import load_train_config, validate
+from mplug_ds.runtime.collectives import traffic_bytes
 from mplug_ds.runtime.guards import StopRequest
 from mplug_ds.runtime.launch_env import prepare_world_env
 
@@ -64,17 +72,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="--watchdog: pairs of (off, on) blocks")
     parser.add_argument("--check-collectives", action="store_true",
                         help="also measure with run.check_collectives=true (the divergence check; 2+ ranks)")
+    parser.add_argument("--replicated-teacher", action="store_true",
+                        help="also measure the teacher replicated on every rank (the EMA from each parameter's full "
+                             "fp32 master value) and print it against the partitioned one")
     parser.add_argument("--json", action="store_true", help="print one JSON line per measurement")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def measure(args: argparse.Namespace, attn: str, world, out_dir: str, timix: bool = False,
-            check: bool = False, watchdog_pairs: int = 0) -> dict:
+            check: bool = False, watchdog_pairs: int = 0, replicated: bool = False) -> dict:
     """Build the engine for one configuration and time ``args.steps`` optimizer steps of the trainer's own step
     (``timix``: with TiMix on and γ = 1 from the first step, so every timed step mixes; ``check``: with the
-    divergence check); then ``watchdog_pairs`` pairs of blocks with the hang watchdog off, then on."""
+    divergence check; ``replicated``: with the momentum teacher replicated on every rank); then ``watchdog_pairs``
+    pairs of blocks with the hang watchdog off, then on."""
     from mplug_ds.engine.trainer import Trainer
+    from mplug_ds.models.momentum import MomentumTeacher
     from mplug_ds.objectives.timix_recipe import pretrain_recipe
 
     precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
@@ -92,7 +105,11 @@ def measure(args: argparse.Namespace, attn: str, world, out_dir: str, timix: boo
         *(["timix.enabled=true", "timix.gamma_ramp_steps=0", f"timix.region_images_per_gpu={max(1, args.batch // 8)}"]
           if timix else []), *(["run.check_collectives=true"] if check else [])])
     resolved = validate(cfg, world.world_size)
-    trainer = Trainer(cfg, resolved, world, pretrain_recipe(cfg, resolved))
+    MomentumTeacher.partition = not replicated
+    try:
+        trainer = Trainer(cfg, resolved, world, pretrain_recipe(cfg, resolved))
+    finally:
+        MomentumTeacher.partition = True
     engine = trainer.engine
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     stop = StopRequest()
@@ -140,12 +157,62 @@ def measure(args: argparse.Namespace, attn: str, world, out_dir: str, timix: boo
         "step_time_s": elapsed / args.steps, "samples_per_s": samples_per_s,
         "gflop_per_sample": flops / 1e9, "tflops_per_device": tflops_per_device,
         "mfu": tflops_per_device / peak if peak else None, "peak_memory_gb": peak_memory,
-        "check_collectives": checked,
+        "check_collectives": checked, "replicated_teacher": replicated,
+        "planned_peak_gb": None if replicated else plan_step(cfg, resolved.model, world.world_size,
+                                                             engine.device.type).peak / GIB,
     }
     if pairs:
         result["watchdog_off_step_time_s"] = statistics.median(off for off, _ in pairs) / args.steps
         result["watchdog_on_step_time_s"] = statistics.median(on for _, on in pairs) / args.steps
+    if world.rank == 0 and world.world_size > 1:  # the first timed block (the watchdog's blocks follow it)
+        result["comm"] = measured_communication(f"{out_dir}/metrics.jsonl", args.warmup + 1, args.steps,
+                                                world.world_size)
+        result["comm_minimum"] = step_communication(cfg, resolved.model, world.world_size)
     return result
+
+
+def measured_communication(metrics: str, first: int, steps: int, world_size: int) -> dict[str, dict[str, float]]:
+    """Per optimizer step over steps ``first`` .. ``first + steps - 1``, by part: collectives, buffer bytes and bytes
+    one rank sends (``traffic_bytes``), from the step records' ``comm`` accounting."""
+    records = [json.loads(line) for line in Path(metrics).read_text().splitlines()]
+    timed = [r["comm"] for r in records if r.get("event") == "step" and first <= r["step"] < first + steps]
+    out: dict[str, dict[str, float]] = {}
+    for comm in timed:
+        for part, kinds in comm.items():
+            entry = out.setdefault(part, {"calls": 0.0, "bytes": 0.0, "sent": 0.0})
+            for kind, c in kinds.items():
+                entry["calls"] += c["calls"] / len(timed)
+                entry["bytes"] += c["bytes"] / len(timed)
+                entry["sent"] += traffic_bytes(kind, c["bytes"], world_size) / len(timed)
+    return out
+
+
+def communication_table(result: dict) -> str:
+    """Bytes per optimizer step by part, measured beside the analytic minimum for the stage."""
+    measured, minimum = result["comm"], result["comm_minimum"]
+    lines = [f"communication per optimizer step (rank 0, mean of {result['steps']} steps; buffer bytes as recorded, "
+             "sent = what one rank sends with ring collectives):",
+             f"  {'part':<16} {'collectives':>11} {'buffer MiB':>11} {'sent MiB':>9} {'minimum MiB':>12}"]
+    for part in sorted(set(measured) | set(minimum)):
+        m = measured.get(part, {"calls": 0, "bytes": 0, "sent": 0})
+        least = f"{minimum[part] / 2**20:12.3f}" if part in minimum else f"{'-':>12}"
+        lines.append(f"  {part:<16} {m['calls']:11.1f} {m['bytes'] / 2**20:11.3f} {m['sent'] / 2**20:9.3f} {least}")
+    total = sum(m["bytes"] for m in measured.values())
+    lines.append(f"  {'all':<16} {sum(m['calls'] for m in measured.values()):11.1f} {total / 2**20:11.3f} "
+                 f"{sum(m['sent'] for m in measured.values()) / 2**20:9.3f} {sum(minimum.values()) / 2**20:12.3f}")
+    return "\n".join(lines)
+
+
+def replicated_comparison(partitioned: dict, replicated: dict) -> str:
+    """The partitioned teacher against the replicated one, measured in the same run."""
+    def total(result: dict, key: str) -> float:
+        return sum(m[key] for m in result.get("comm", {}).values())
+
+    return (f"partitioned vs replicated teacher (same run): {total(partitioned, 'calls'):.0f} vs "
+            f"{total(replicated, 'calls'):.0f} collectives per step, {total(partitioned, 'bytes') / 2**20:.2f} vs "
+            f"{total(replicated, 'bytes') / 2**20:.2f} MiB, "
+            f"{partitioned['step_time_s'] / replicated['step_time_s']:.2f}x step time, peak memory "
+            f"{partitioned['peak_memory_gb']:.2f} vs {replicated['peak_memory_gb']:.2f} GiB")
 
 
 def report(result: dict, as_json: bool) -> str:
@@ -155,34 +222,42 @@ def report(result: dict, as_json: bool) -> str:
     mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a (no known peak for this device)"
     name = f"{result['model']} +TiMix" if result["timix"] else result["model"]
     name += " +check_collectives" if result["check_collectives"] else ""
+    name += " +replicated teacher" if result.get("replicated_teacher") else ""
+    planned = f" (tools/plan.py: {result['planned_peak_gb']:.2f})" if result.get("planned_peak_gb") else ""
     return (f"{name} attn={result['attn']} zero={result['zero']} {result['precision']} "
             f"batch={result['batch_per_device']}x{result['world_size']} on {result['device']}: "
             f"{result['samples_per_s']:.2f} samples/s, {1000 * result['step_time_s']:.1f} ms/step, "
             f"{result['tflops_per_device']:.3f} TFLOP/s per device, MFU {mfu}, "
-            f"peak memory {result['peak_memory_gb']:.2f} GiB ({result['gflop_per_sample']:.1f} GFLOP/sample)")
+            f"peak memory {result['peak_memory_gb']:.2f} GiB{planned} "
+            f"({result['gflop_per_sample']:.1f} GFLOP/sample)")
 
 
 def main() -> None:
     args = parse_args()
     world = prepare_world_env()
-    runs = [(args.attn, True, False), (args.attn, False, False)] if args.timix else [(args.attn, False, False)]
+    runs = [(args.attn, True, False, False), (args.attn, False, False, False)] if args.timix \
+        else [(args.attn, False, False, False)]
     if args.baseline_attn:
-        runs.append((args.baseline_attn, False, False))
+        runs.append((args.baseline_attn, False, False, False))
     if args.check_collectives:
-        runs.append((args.attn, False, True))
+        runs.append((args.attn, False, True, False))
+    if args.replicated_teacher:  # last: on a CPU peak memory is the process's high-water mark so far
+        runs.append((args.attn, False, False, True))
     results = []
     with tempfile.TemporaryDirectory(prefix="mplug_ds-benchmark-") as out_dir:
-        for i, (attn, timix, check) in enumerate(runs):
+        for i, (attn, timix, check, replicated) in enumerate(runs):
             if results:
                 gc.collect()  # release the previous engine before building the next
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
             pairs = args.repeats if args.watchdog and i == 0 else 0
-            results.append(measure(args, attn, world, f"{out_dir}/{i}", timix, check, pairs))
+            results.append(measure(args, attn, world, f"{out_dir}/{i}", timix, check, pairs, replicated))
     if world.rank != 0:
         return
     for result in results:
         print(report(result, args.json), flush=True)
+        if world.world_size > 1 and not args.json:
+            print(communication_table(result), flush=True)
     if args.timix:
         timix, plain = results[0], results[1]
         print(f"TiMix vs plain ({args.model}, same run): {timix['step_time_s'] / plain['step_time_s']:.2f}x step time, "
@@ -198,6 +273,8 @@ def main() -> None:
         print(f"run.check_collectives vs off: {checked['step_time_s'] / plain['step_time_s']:.3f}x step time"
               + ("" if checked["check_collectives"] else " (one rank: the check compares ranks, so it is not on)"),
               flush=True)
+    if args.replicated_teacher:
+        print(replicated_comparison(plain, results[-1]), flush=True)
     if args.baseline_attn:
         first, baseline = plain, results[results.index(plain) + 1]
         ratio = first["samples_per_s"] / baseline["samples_per_s"]

@@ -268,7 +268,7 @@ def sdpa_dispatch(ctx: Context, rec: StepRecord) -> list[str]:
     module = PretrainModel(build_model(model_cfg), PretrainConfig())
     dtype = DTYPES[ctx.mode.precision]
     module.to(device=ctx.device, dtype=dtype)
-    module.teacher.to(ctx.device)
+    module.teacher.model.to(ctx.device)  # no engine: the replicated teacher
     # CUDA: training mode, attention dropout included. PyTorch's CPU flash kernel has no dropout, so on CPU the
     # same forward runs without it.
     module.train(ctx.on_cuda)

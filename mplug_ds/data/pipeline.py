@@ -37,9 +37,9 @@ class StreamPosition:
 class Lane:
     """What is left of one logical stream of an epoch, read on another number of ranks.
 
-    The stream is the one (rank, world_size, worker, num_workers) of the layout that began the epoch read from raw
-    position ``start``; the lane takes every ``stride``-th of its remaining samples from ``offset``. Each sample
-    keeps the augmentation randomness it had in the old layout.
+    The stream is the one (rank, world_size, worker, num_workers) of the layout that began the epoch; the lane reads
+    its raw positions ``[start, stop)`` (``stop`` ``None``: to its end) and takes every ``stride``-th of them from
+    ``offset``. Each sample keeps the augmentation randomness it had in the old layout.
     """
 
     rank: int
@@ -49,21 +49,39 @@ class Lane:
     start: int
     stride: int = 1
     offset: int = 0
+    stop: int | None = None
 
 
-def carry_lanes(states: list[dict[str, Any]], world_size: int, num_workers: int) -> list[list[list[Lane]]]:
+def carry_lanes(states: list[dict[str, Any]], world_size: int, num_workers: int,
+                lengths: list[list[int]] | None = None) -> list[list[list[Lane]]]:
     """The rest of an epoch saved by ``len(states)`` ranks, split over ``world_size`` ranks × ``num_workers``
     logical workers: ``lanes[rank][worker]``. Every remaining sample lands in exactly one lane.
 
-    With at least as many old streams as new workers, whole streams are dealt out round-robin; with fewer, each old
-    stream is shared by striding over its remaining samples.
+    With the old streams' ``lengths`` (``lengths[rank][worker]`` samples, from the manifests) the remaining samples,
+    stream after stream, are cut into equal contiguous runs, one per new worker. Without them, with at least as many
+    old streams as new workers, whole streams are dealt out round-robin; with fewer, each old stream is shared by
+    striding over its remaining samples.
     """
     old = [Lane(rank, len(states), worker, len(state["positions"]), state["positions"][worker][0])
            for rank, state in enumerate(states) for worker in range(len(state["positions"]))
            if not state.get("finished")]
     slots = world_size * num_workers
     lanes: list[list[Lane]] = [[] for _ in range(slots)]
-    if len(old) >= slots:
+    if lengths is not None:
+        ends = [lengths[lane.rank][lane.worker] for lane in old]
+        rest = [max(0, end - lane.start) for lane, end in zip(old, ends)]
+        total, index, done = sum(rest), 0, 0  # ``done``: samples of old[index]'s rest already handed out
+        for slot in range(slots):
+            want = (slot + 1) * total // slots - slot * total // slots
+            while want and index < len(old):
+                take = min(want, rest[index] - done)
+                if take:
+                    start = old[index].start + done
+                    lanes[slot].append(dataclasses.replace(old[index], start=start, stop=start + take))
+                want, done = want - take, done + take
+                if done == rest[index]:
+                    index, done = index + 1, 0
+    elif len(old) >= slots:
         for index, lane in enumerate(old):
             lanes[index % slots].append(lane)
     else:
@@ -152,14 +170,15 @@ class ShardStream(torch.utils.data.IterableDataset):
     def _lane(self, lane: Lane, errors: DataErrors) -> Iterator[tuple[int, dict[str, Any]]]:
         """A lane's samples with their 1-based position in the old stream."""
         stream = self._stream(lane.rank, lane.world_size, lane.worker, lane.num_workers, errors)
-        for index, raw in enumerate(itertools.islice(stream, lane.start, None)):
+        for index, raw in enumerate(itertools.islice(stream, lane.start, lane.stop)):
             if index % lane.stride == lane.offset:
                 yield lane.start + index + 1, raw
 
     def _split(self, rank: int, world_size: int, worker: int, num_workers: int,
                errors: DataErrors) -> Iterator[dict[str, Any]]:
-        for url in split_shards(self.cfg, self.epoch, rank, world_size, worker, num_workers):
-            yield from read_raw(url, errors)
+        counts = shard_counts(self.cfg)
+        for seg in stream_segments(self.cfg, self.epoch, rank, world_size, worker, num_workers, counts):
+            yield from itertools.islice(read_raw(seg.url, errors), seg.first, seg.stop)
 
     def _mixed(self, worker: int, errors: DataErrors) -> Iterator[dict[str, Any]]:
         sources = self.cfg.sources
@@ -171,10 +190,8 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _resampled_source(self, src: SourceConfig, worker: int, errors: DataErrors) -> Iterator[dict[str, Any]]:
         urls = expand_urls(src.shards)
-        rng = _rng("shards", src.name, self.cfg.seed, self.epoch, self.rank, worker)
         empty_in_a_row = 0
-        while True:
-            url = rng.choice(urls)
+        for url in resampled_shards(src, urls, self.cfg.seed, self.epoch, self.rank, worker):
             found = False
             for raw in read_raw(url, errors):
                 found = True
@@ -185,19 +202,91 @@ class ShardStream(torch.utils.data.IterableDataset):
                                    f"({src.shards}); check data.sources[].shards and the shard files")
 
 
+def resampled_shards(src: SourceConfig, urls: list[str], seed: int, epoch: int, rank: int,
+                     worker: int) -> Iterator[str]:
+    """The endless shard draws (with replacement) of one worker of one rank from a source of a resampled stream."""
+    rng = _rng("shards", src.name, seed, epoch, rank, worker)
+    while True:
+        yield rng.choice(urls)
+
+
 def source_names(cfg: DataConfig) -> dict[str, str]:
     """Shard URL → name of the source it belongs to."""
     return {url: src.name for src in cfg.sources for url in expand_urls(src.shards)}
 
 
-def split_shards(cfg: DataConfig, epoch: int, rank: int, world_size: int, worker: int,
-                 num_workers: int) -> list[str]:
-    """The shards one worker of one rank reads in a non-resampled epoch: every source's shards, shuffled by
-    (seed, epoch) identically on all ranks when training, then taken by rank and by worker."""
+@dataclass(frozen=True)
+class Segment:
+    """Samples ``[first, stop)`` of one shard, in its order (``stop`` ``None``: to its end)."""
+
+    url: str
+    first: int = 0
+    stop: int | None = None
+
+
+def epoch_order(cfg: DataConfig, epoch: int) -> list[str]:
+    """Every source's shards in the order of a non-resampled epoch: shuffled by (seed, epoch), the same on every rank,
+    when training."""
     urls = [url for src in cfg.sources for url in expand_urls(src.shards)]
     if cfg.train and cfg.shard_shuffle:
         _rng("order", cfg.seed, epoch).shuffle(urls)
-    return urls[rank::world_size][worker::num_workers]
+    return urls
+
+
+def shard_counts(cfg: DataConfig) -> dict[str, int] | None:
+    """Sample counts by shard file name from every source's manifest (``None`` when a source has none)."""
+    if any(src.manifest is None for src in cfg.sources):
+        return None
+    return {name: n for src in cfg.sources for name, n in read_manifest(src.manifest).items()}
+
+
+def epoch_segments(cfg: DataConfig, epoch: int, world_size: int, num_workers: int,
+                   counts: dict[str, int] | None) -> list[list[Segment]]:
+    """What every logical stream reads in a non-resampled epoch (``epoch_order``), by stream
+    ``rank · num_workers + worker``.
+
+    With at least one shard per stream, whole shards, taken by rank and then by worker. With fewer shards (a small
+    set on many ranks), the samples of the ordered shards are cut into one contiguous run per stream by the
+    manifests' ``counts``: every sample is read once, streams differ by at most one sample, and a stream skips into
+    its first shard by reading it.
+    """
+    urls = epoch_order(cfg, epoch)
+    streams = world_size * num_workers
+    if len(urls) >= streams:
+        return [[Segment(url) for url in urls[rank::world_size][worker::num_workers]]
+                for rank in range(world_size) for worker in range(num_workers)]
+    if counts is None:
+        raise ValueError(f"{len(urls)} shards cannot feed {world_size} ranks × {num_workers} workers whole: give "
+                         "every source a manifest (streams then share shards by sample), write more, smaller shards "
+                         "(tools/make_shards.py) or lower data.num_workers")
+    sizes = [counts[Path(url).name] for url in urls]
+    total = sum(sizes)
+    out: list[list[Segment]] = []
+    shard, offset = 0, 0  # the shard holding the next stream's first sample, and that shard's first sample
+    for stream in range(streams):
+        start, stop = stream * total // streams, (stream + 1) * total // streams
+        segments = []
+        while shard < len(urls) and offset < stop:
+            first, last = max(start, offset), min(stop, offset + sizes[shard])
+            if first < last:
+                segments.append(Segment(urls[shard], first - offset, last - offset))
+            if offset + sizes[shard] > stop:
+                break  # the next stream continues in this shard
+            offset += sizes[shard]
+            shard += 1
+        out.append(segments)
+    return out
+
+
+def segment_samples(segments: list[Segment], counts: dict[str, int]) -> int:
+    """How many samples ``segments`` hold by the manifests' ``counts``."""
+    return sum((counts[Path(seg.url).name] if seg.stop is None else seg.stop) - seg.first for seg in segments)
+
+
+def stream_segments(cfg: DataConfig, epoch: int, rank: int, world_size: int, worker: int, num_workers: int,
+                    counts: dict[str, int] | None) -> list[Segment]:
+    """What one logical worker of one rank reads in a non-resampled epoch (see ``epoch_segments``)."""
+    return epoch_segments(cfg, epoch, world_size, num_workers, counts)[rank * num_workers + worker]
 
 
 class ShardLoader:
@@ -220,11 +309,8 @@ class ShardLoader:
         self.epoch = 0
         self.lanes: list[list[Lane]] | None = None  # set while finishing an epoch begun by another number of ranks
         self._reset_position()
-        if not cfg.resampled:
-            shards = sum(len(expand_urls(s.shards)) for s in cfg.sources)
-            if shards < self.world_size * self.num_workers:
-                raise ValueError(f"{shards} shards cannot feed {self.world_size} ranks × {self.num_workers} workers: "
-                                 "write more, smaller shards (tools/make_shards.py) or lower data.num_workers")
+        if not cfg.resampled:  # fails here, naming the fix, when the shards cannot be split over the streams
+            stream_segments(cfg, 0, self.rank, self.world_size, 0, self.num_workers, shard_counts(cfg))
 
     def _reset_position(self) -> None:
         self.received = 0
@@ -253,16 +339,15 @@ class ShardLoader:
         per_worker = self.batches_per_worker()
         if per_worker is not None:
             return per_worker * self.num_workers
-        counts: dict[str, int] = {}
         for src in self.cfg.sources:
             if src.manifest is None:
                 raise TypeError(f"the length of a non-resampled stream needs manifests; source '{src.name}' has none")
             source_size(src)  # validates the manifest covers every shard
-            counts |= read_manifest(src.manifest)
+        counts = shard_counts(self.cfg)
         total = 0
         for worker in range(self.num_workers):
-            n = sum(counts[Path(u).name] for u in split_shards(self.cfg, self.epoch, self.rank, self.world_size,
-                                                                 worker, self.num_workers))
+            n = segment_samples(stream_segments(self.cfg, self.epoch, self.rank, self.world_size, worker,
+                                                self.num_workers, counts), counts)
             total += n // self.cfg.batch_size if self.cfg.drop_last else math.ceil(n / self.cfg.batch_size)
         return total
 
@@ -306,6 +391,15 @@ class ShardLoader:
         self.errors = DataErrors()
         self.errors.load_state_dict(state["errors"])
 
+    def _stream_lengths(self, epoch: int, world_size: int, num_workers: int) -> list[list[int]] | None:
+        """Samples per logical stream of a non-resampled epoch on another layout (``None`` without manifests)."""
+        counts = shard_counts(self.cfg)
+        if counts is None:
+            return None
+        sizes = [segment_samples(segments, counts)
+                 for segments in epoch_segments(self.cfg, epoch, world_size, num_workers, counts)]
+        return [sizes[rank * num_workers:(rank + 1) * num_workers] for rank in range(world_size)]
+
     def load_resharded(self, states: list[dict[str, Any]]) -> None:
         """Continue from positions saved by ``len(states)`` ranks on this loader's (different) number of ranks.
 
@@ -335,7 +429,8 @@ class ShardLoader:
                                  f"ranks; resume on {len(states)} ranks until epoch {epoch + 1} begins")
             self.set_epoch(epoch)
             marked = [{**state, "finished": done} for state, done in zip(states, finished)]
-            self.lanes = carry_lanes(marked, self.world_size, self.num_workers)[self.rank]
+            self.lanes = carry_lanes(marked, self.world_size, self.num_workers,
+                                     self._stream_lengths(epoch, len(states), states[0]["num_workers"]))[self.rank]
         self.errors = DataErrors()
         if self.rank == 0:
             for state in states:

@@ -4,7 +4,10 @@ Layout of ``<output_dir>/checkpoints``::
 
     step_00000500/                    one DeepSpeed tag (model/optimizer states of every rank)
         rank_00000_state.pt           per rank: RNG states and the data loader position
-        momentum_teacher.pt           the fp32 EMA teacher (identical on every rank; written by rank 0)
+        momentum_teacher.pt           the recipe's replicated extra state, e.g. the fp32 EMA teacher of a one-rank
+                                      or stage-0 run (identical on every rank; written by rank 0)
+        momentum_teacher_rank_00000.pt  per rank: its share of partitioned extra state (the momentum teacher
+                                      partitioned like the ZeRO optimizer), read back on any number of ranks
         complete.json                 written last: step, epoch, samples seen, world size, ZeRO stage, global batch
         universal/                    made on demand: the tag as a DeepSpeed universal checkpoint (any world size)
     latest                            the newest complete tag (DeepSpeed's convention, so zero_to_fp32 works)
@@ -69,6 +72,17 @@ def tag_for(step: int) -> str:
 def rank_state_file(tag_dir: Path, rank: int) -> Path:
     """The per-rank client state file inside a tag directory."""
     return tag_dir / f"rank_{rank:05d}_state.pt"
+
+
+def shard_file(tag_dir: Path, rank: int) -> Path:
+    """Rank ``rank``'s share of the recipe's partitioned state (the partitioned momentum teacher)."""
+    return tag_dir / f"momentum_teacher_rank_{rank:05d}.pt"
+
+
+def shard_files(tag_dir: Path) -> list[Path]:
+    """Every rank's ``shard_file`` of a checkpoint, by rank (empty when its state was not partitioned)."""
+    ranks = read_marker(tag_dir).get("shard_ranks", 0)
+    return [shard_file(tag_dir, rank) for rank in range(ranks)]
 
 
 def complete_checkpoints(directory: Path) -> list[tuple[int, Path]]:
@@ -177,8 +191,11 @@ class CheckpointManager:
         self.trust_pickles = trust_pickles
 
     def save(self, engine: Any, state: TrainState, rank_state: dict[str, Any],
-             teacher_state: dict[str, torch.Tensor] | None) -> Path:
-        """Write one checkpoint (a collective: every rank calls it at the same step). Returns its directory."""
+             teacher_state: dict[str, torch.Tensor] | None, sharded_state: dict[str, Any] | None = None) -> Path:
+        """Write one checkpoint (a collective: every rank calls it at the same step). Returns its directory.
+
+        ``teacher_state``: replicated state rank 0 writes; ``sharded_state``: this rank's share of partitioned state
+        (every rank writes its own)."""
         rank, tag = get_rank(), tag_for(state.step)
         tag_dir = self.directory / tag
         if rank == 0:
@@ -192,12 +209,15 @@ class CheckpointManager:
         atomic_torch_save(rank_state, rank_state_file(tag_dir, rank))
         if rank == 0 and teacher_state is not None:
             atomic_torch_save(teacher_state, tag_dir / TEACHER_FILE)
+        if sharded_state is not None:
+            atomic_torch_save(sharded_state, shard_file(tag_dir, rank))
         _barrier()
         if rank == 0:
             marker = {**dataclasses.asdict(state), "world_size": get_world_size(), "tag": tag,
                       "zero_stage": int(engine.zero_optimization_stage()),
                       "global_batch": int(engine.train_batch_size()),
-                      "has_teacher": teacher_state is not None, "time": time.time()}
+                      "has_teacher": teacher_state is not None,
+                      "shard_ranks": get_world_size() if sharded_state is not None else 0, "time": time.time()}
             atomic_write_text(tag_dir / COMPLETE, json.dumps(marker, indent=1))
             atomic_write_text(self.directory / LATEST, tag)
             self.prune()
@@ -230,8 +250,9 @@ class CheckpointManager:
                     shutil.rmtree(child, ignore_errors=True)
 
     def load(self, engine: Any, tag_dir: Path
-             ) -> tuple[TrainState, dict[str, Any], dict[str, torch.Tensor] | None]:
-        """Restore engine states from ``tag_dir``; returns the train state, this rank's state and the teacher.
+             ) -> tuple[TrainState, dict[str, Any], dict[str, torch.Tensor] | None, list[Path]]:
+        """Restore engine states from ``tag_dir``; returns the train state, this rank's state, the replicated extra
+        state (the teacher of a replicated run) and every saving rank's ``shard_file`` (empty when none).
 
         Written by as many ranks as this run has: this rank's state is ``{"rng", "data"}``. Written by another number
         of ranks (the DeepSpeed config must then have ``checkpoint.load_universal``, see ``validate_engine``): the
@@ -271,4 +292,4 @@ class CheckpointManager:
         else:
             rank_state = safe_load.load(rank_state_file(tag_dir, rank), trusted)
         teacher = safe_load.load(tag_dir / TEACHER_FILE, trusted) if marker.get("has_teacher") else None
-        return state, rank_state, teacher
+        return state, rank_state, teacher, shard_files(tag_dir)

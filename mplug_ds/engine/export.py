@@ -25,12 +25,13 @@ from safetensors.torch import load_file, save_file
 
 from mplug_ds.config import to_dict
 from mplug_ds.engine.checkpoint import (COMPLETE, EXPORT_FILE, RANDOM_INIT_FILE, RUN_CONFIG_FILE, TASK_FILE,
-                                        TEACHER_FILE, resolve_resume)
+                                        TEACHER_FILE, resolve_resume, shard_files)
 from mplug_ds.models.config import ModelConfig, load_model_config
 from mplug_ds.models.hub import random_init_metadata
 from mplug_ds.models.mplug import build_model
 from mplug_ds.runtime import safe_load
 from mplug_ds.runtime.atomic import atomic_path, atomic_write_text
+from mplug_ds.runtime.partitioned_ema import consolidate_shards
 
 MODEL_PREFIX = "model."  # PretrainModel and the task modules keep the online MPLUG as ``.model``
 STAGE0_MODEL_FILE = "mp_rank_00_model_states.pt"
@@ -142,15 +143,24 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, model_config:
     else:  # nor its settings
         (out / RUN_CONFIG_FILE).unlink(missing_ok=True)
     if include_momentum:
-        teacher_file = tag_dir / TEACHER_FILE
-        if not teacher_file.exists():
-            raise FileNotFoundError(f"{tag_dir} has no momentum teacher (objective.distill was off)")
-        teacher = safe_load.load(teacher_file, trusted)
+        teacher = read_teacher(tag_dir, trusted)
         _atomic_save({k: v.float().contiguous().clone() for k, v in teacher.items()},
                      out / "momentum.safetensors", metadata)
     text = yaml.safe_dump(to_dict(model_cfg), sort_keys=False)
     atomic_write_text(out / "model_config.yaml", text)
     return out
+
+
+def read_teacher(tag_dir: Path, trusted: bool = False) -> dict[str, torch.Tensor]:
+    """The checkpoint's momentum teacher as full fp32 tensors by name: the replicated file, or the partitioned
+    teacher's shards of every rank put together."""
+    shards = shard_files(tag_dir)
+    if shards:  # our own files: always read with the restricted unpickler
+        return consolidate_shards(shards)
+    teacher_file = tag_dir / TEACHER_FILE
+    if not teacher_file.exists():
+        raise FileNotFoundError(f"{tag_dir} has no momentum teacher (objective.distill was off)")
+    return safe_load.load(teacher_file, trusted)
 
 
 def load_weights(model: torch.nn.Module, export_dir: str | Path) -> None:

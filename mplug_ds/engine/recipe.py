@@ -7,19 +7,22 @@ and TiMix are others. The ``Trainer`` calls, in this order::
 
     recipe = make_recipe(world)            after torch.distributed is up and every rank is seeded alike, so the
                                            model built here starts from the same weights on every rank
-    deepspeed.initialize(recipe.module)    the optimizer gets recipe.module's trainable parameters
+    deepspeed.initialize(recipe.module)    the optimizer gets recipe.module's trainable parameters, in groups
+                                           that also differ by recipe.param_group_key(param)
     recipe.engine_ready(engine)
     recipe.train_stream()                  once; resumed with its state_dict
     recipe.evaluate(engine)                before the first step of a run started afresh, when evaluate_at_start
     per optimizer step:  engine(batch, **recipe.step_args(step), **phase) -> losses; backward; step (once per
                          phase in recipe.phases(step), normally one);
                          recipe.after_optimizer_step() when the step was applied
-    at each checkpoint:  recipe.extra_state()       (restored with load_extra_state on resume)
+    at each checkpoint:  recipe.extra_state() (rank 0 saves it) and recipe.sharded_state() (every rank saves its
+                         own); restored with load_extra_state(state, shard_files) on resume
     every eval_every_steps steps and at the end:  recipe.evaluate(engine) -> metrics (logged; with ``metric``
                          set, the best checkpoint so far is recorded in checkpoints/best.json and kept)
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 import torch
@@ -63,6 +66,11 @@ class Recipe:
         (e.g. a distillation weight ramp); they are logged with the losses."""
         return {}
 
+    def param_group_key(self, param: nn.Parameter) -> str:
+        """Parameters with different keys never share an optimizer group (default: one key). The momentum teacher
+        keeps its parameters apart so that its partitions line up with the optimizer's."""
+        return ""
+
     def phases(self, step: int) -> tuple[dict[str, Any], ...]:
         """Extra ``module.forward`` keyword arguments, one dict per forward/backward/optimizer step that each
         micro-batch gets in optimizer step ``step``. Default: one (everything in one step). More than one (TiMix's
@@ -81,11 +89,19 @@ class Recipe:
         return {}
 
     def extra_state(self) -> dict[str, torch.Tensor] | None:
-        """Tensors kept outside ``module`` that a checkpoint must hold (rank 0's copy is saved), or ``None``."""
+        """Tensors kept outside ``module``, identical on every rank, that a checkpoint must hold (rank 0's copy is
+        saved), or ``None``."""
         return None
 
-    def load_extra_state(self, state: dict[str, torch.Tensor] | None) -> None:
-        """Restore what ``extra_state`` returned (``None`` when the checkpoint holds none)."""
+    def sharded_state(self) -> dict[str, Any] | None:
+        """This rank's share of state partitioned over the ranks (tensors and plain data; every rank's is saved),
+        or ``None``."""
+        return None
+
+    def load_extra_state(self, state: dict[str, torch.Tensor] | None, shard_files: list[Path]) -> None:
+        """Restore what ``extra_state`` returned (``None`` when the checkpoint holds none) and what
+        ``sharded_state`` returned: ``shard_files`` are every saving rank's file (empty when none), saved by any
+        number of ranks."""
 
     def saved_configs(self) -> dict[str, dict[str, Any]]:
         """Resolved configs to write beside the run as YAML, by file name (e.g. ``model_config.yaml``)."""

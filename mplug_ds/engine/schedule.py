@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -32,23 +33,25 @@ def wants_decay(name: str, param: torch.Tensor) -> bool:
     return not any(part in lowered for part in NO_DECAY_NAME_PARTS)
 
 
-def param_groups(model: nn.Module, optim: OptimSection) -> list[dict]:
-    """Four AdamW groups: {visual, rest} × {decay, no decay}; empty groups are left out.
+def param_groups(model: nn.Module, optim: OptimSection,
+                 key: Callable[[nn.Parameter], str] = lambda param: "") -> list[dict]:
+    """AdamW groups: {visual, rest} × {decay, no decay} × ``key(param)`` (e.g. followed by the momentum teacher or
+    not); empty groups are left out.
 
     Each group carries ``base_lr`` (its peak learning rate) and ``name`` for logging. Frozen parameters
     (``requires_grad=False``) are not given to the optimizer.
     """
-    buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    buckets: dict[tuple[bool, bool, str], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        key = (is_visual(name), wants_decay(name, param))
-        buckets.setdefault(key, []).append(param)
+        buckets.setdefault((is_visual(name), wants_decay(name, param), key(param)), []).append(param)
     groups = []
-    for (visual, decay), params in sorted(buckets.items()):
+    for (visual, decay, extra), params in sorted(buckets.items()):
         lr = optim.visual_lr if visual else optim.lr
+        name = f"{'visual' if visual else 'rest'}_{'decay' if decay else 'no_decay'}" + (f"_{extra}" if extra else "")
         groups.append({"params": params, "lr": lr, "base_lr": lr, "weight_decay": optim.weight_decay if decay else 0.0,
-                       "name": f"{'visual' if visual else 'rest'}_{'decay' if decay else 'no_decay'}"})
+                       "name": name})
     return groups
 
 

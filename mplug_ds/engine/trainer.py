@@ -11,6 +11,13 @@ scalar all-reduce, ``_any_rank``). Everything else the loop reads on the host (l
 applied, peak memory) is per optimizer step. ``optimizer_step`` is the one training step: ``tools/benchmark.py``
 times this same method.
 
+Communication. Every collective of an optimizer step is counted by part and kind (``runtime/collectives``) and
+logged with the step as ``comm``: ``{part: {kind: {"calls", "bytes"}}}``. Parts: ``zero`` (DeepSpeed's own
+gradient and parameter traffic), ``agreement`` (the loop's loss / non-finite / stop all-reduces), ``data_health``
+(skipped-sample counts, on logging steps), and whatever the recipe names (``ita``, ``teacher_forward``,
+``teacher_update``, ...); ``other`` is anything unnamed. What runs between steps (checkpoints, evaluation) is not
+counted.
+
 Hangs. ``train()`` runs the hang watchdog (``runtime/watchdog.py``): the loop reports each step, micro-batch,
 evaluation and checkpoint as progress, and a rank without progress for ``run.hang_timeout_s`` stops every rank with
 ``RUN/hang/report.txt``. With ``run.check_collectives`` the ranks also compare their collectives and module calls
@@ -43,7 +50,7 @@ from mplug_ds.engine.recipe import Recipe
 from mplug_ds.engine.schedule import WarmupCosine, group_lr, param_groups
 from mplug_ds.engine.train_config import EngineConfig
 from mplug_ds.engine.validate import ResolvedEngine
-from mplug_ds.runtime import watchdog
+from mplug_ds.runtime import collectives, watchdog
 from mplug_ds.runtime.atomic import atomic_write_text
 from mplug_ds.runtime.divergence import DivergenceCheck
 from mplug_ds.runtime.failure import LauncherWatch
@@ -115,7 +122,7 @@ class Trainer:
 
     def _optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.optim
-        groups = param_groups(self.recipe.module, o)
+        groups = param_groups(self.recipe.module, o, self.recipe.param_group_key)
         if offloads_optimizer(self.resolved.ds_config):
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -196,10 +203,10 @@ class Trainer:
         if tag_dir is None:
             self.logger.event("start", world_size=self.world.world_size, ds_config=self.resolved.ds_config)
             return iter(self.stream)
-        state, rank_state, extra = self.checkpoints.load(self.engine, tag_dir)
+        state, rank_state, extra, shards = self.checkpoints.load(self.engine, tag_dir)
         self.state = state
         try:
-            self.recipe.load_extra_state(extra)
+            self.recipe.load_extra_state(extra, shards)
         except RuntimeError as err:
             raise RuntimeError(f"{tag_dir}: {err}") from None
         if "data_by_rank" in rank_state:  # written by another number of ranks
@@ -239,6 +246,7 @@ class Trainer:
         step_args = self.recipe.step_args(self.state.step)
         phases = self.recipe.phases(self.state.step)
         sums = torch.zeros(len(keys), dtype=torch.float64)
+        collectives.take_counts()  # drop what ran since the last step (checkpoint, evaluation)
         data_time = compute_time = 0.0
         started = time.perf_counter()
         good = 0
@@ -295,7 +303,9 @@ class Trainer:
                   "compute_time": compute_time, "peak_mem_gb": peak_memory_gb(self.device),
                   "overflow": not engine.was_step_applied()}
         if self.state.step % cfg.logging.every_steps == 0 or self.state.step == cfg.schedule.total_steps:
-            record["skipped"] = self.skipped.gather()  # a collective: the same steps on every rank
+            with collectives.part("data_health"):
+                record["skipped"] = self.skipped.gather()  # a collective: the same steps on every rank
+        record["comm"] = collectives.take_counts()
         self.logger.step(record)
         if self.divergence is not None:
             self.divergence.end_step(self.state.step)
@@ -313,7 +323,8 @@ class Trainer:
         stop = torch.full((1,), float(stop_local), dtype=torch.float64, device=values.device)
         packed = torch.cat([values, nonfinite, stop])
         if self.world.world_size > 1:
-            dist.all_reduce(packed)
+            with collectives.part("agreement"):
+                dist.all_reduce(packed)
             packed[:n] /= self.world.world_size
         packed = packed.cpu()
         return packed[:n], bool(packed[n] > 0), bool(packed[n + 1] > 0)
@@ -323,14 +334,16 @@ class Trainer:
         if self.world.world_size == 1:
             return flag
         packed = torch.tensor([float(flag)], device=self.engine.device)
-        dist.all_reduce(packed)
+        with collectives.part("agreement"):
+            dist.all_reduce(packed)
         return bool(packed.item() > 0)
 
     # ------------------------------------------------------------------ checkpoints / outputs
     def _checkpoint(self) -> None:
         watchdog.phase("checkpoint", self.state.step, long=True)  # every rank waits for the slowest writer
         rank_state = {"rng": rng_state(), "data": self.stream.state_dict()}
-        self.last_checkpoint = self.checkpoints.save(self.engine, self.state, rank_state, self.recipe.extra_state())
+        self.last_checkpoint = self.checkpoints.save(self.engine, self.state, rank_state, self.recipe.extra_state(),
+                                                     self.recipe.sharded_state())
         self.logger.event("checkpoint", step=self.state.step, path=str(self.last_checkpoint))
 
     def _saved_at_current_step(self) -> bool:

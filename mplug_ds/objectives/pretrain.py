@@ -17,6 +17,7 @@ from mplug_ds.data.tokenizer import CLS_ID, FIRST_WORD_ID, MASK_ID, PAD_ID, SEP_
 from mplug_ds.distributed import all_gather, all_gather_with_grad, get_rank
 from mplug_ds.models.momentum import MomentumTeacher
 from mplug_ds.models.mplug import MPLUG
+from mplug_ds.runtime import collectives
 
 
 
@@ -120,7 +121,9 @@ class PretrainModel(nn.Module):
         with self._teacher_context():
             image_m = t.encode_image(batch["image"])
             text_m = t.encode_text(batch["text_ids"], batch["text_mask"])
-        return image_m, all_gather(t.image_feature(image_m)), all_gather(t.text_feature(text_m))
+        image_feat, text_feat = t.image_feature(image_m), t.text_feature(text_m)
+        with collectives.part("ita"):
+            return image_m, all_gather(image_feat), all_gather(text_feat)
 
     def ita_loss(self, image_feat: torch.Tensor, text_feat: torch.Tensor,
                  teacher: tuple[torch.Tensor, torch.Tensor] | None, alpha: float
@@ -130,7 +133,8 @@ class PretrainModel(nn.Module):
         Every rank computes the same N × N loss from all-gathered features (gradient flows to its own rows).
         """
         temp = self.model.temperature()
-        all_image, all_text = all_gather_with_grad(image_feat), all_gather_with_grad(text_feat)
+        with collectives.part("ita"):
+            all_image, all_text = all_gather_with_grad(image_feat), all_gather_with_grad(text_feat)
         sim_i2t = all_image @ all_text.t() / temp
         sim_t2i = sim_i2t.t()
         targets = torch.eye(sim_i2t.shape[0], device=sim_i2t.device)

@@ -2,6 +2,7 @@
 stream named by ``data`` and the end-of-run zero-shot retrieval."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from mplug_ds.config import to_dict
@@ -15,7 +16,6 @@ from mplug_ds.models.mplug import build_model
 from mplug_ds.models.weights import init_public_weights
 from mplug_ds.objectives.pretrain import PretrainModel
 from mplug_ds.runtime.launch_env import WorldInfo
-from mplug_ds.runtime.master_weights import master_weight_source
 
 LOSS_KEYS = ("loss", "loss_ita", "loss_itm", "loss_mlm", "loss_prefix")
 
@@ -46,13 +46,16 @@ class PretrainRecipe(Recipe):
         target, ramp = self.resolved.objective.alpha, self.cfg.schedule.alpha_warmup_steps
         return {"alpha": target if ramp == 0 else target * min(1.0, step / ramp)}
 
+    def param_group_key(self, param: Any) -> str:
+        return self.teacher.group_key(param) if self.teacher is not None else ""
+
     def engine_ready(self, engine: Any) -> None:
         if self.teacher is not None:
-            self.teacher.to(engine.device)
+            self.teacher.attach(engine)
 
     def after_optimizer_step(self) -> None:
         if self.teacher is not None:
-            self.teacher.update(master_weight_source())
+            self.teacher.update()
 
     def evaluate(self, engine: Any) -> dict[str, float]:
         """Zero-shot retrieval on the held-out split (``eval.retrieval``); empty when there is none."""
@@ -76,12 +79,18 @@ class PretrainRecipe(Recipe):
     def extra_state(self) -> dict[str, Any] | None:
         return self.teacher.state_dict() if self.teacher is not None else None
 
-    def load_extra_state(self, state: dict[str, Any] | None) -> None:
+    def sharded_state(self) -> dict[str, Any] | None:
+        return self.teacher.shard_state() if self.teacher is not None else None
+
+    def load_extra_state(self, state: dict[str, Any] | None, shard_files: list[Path]) -> None:
         if self.teacher is None:
             return
-        if state is None:
+        if shard_files:
+            self.teacher.load_shards(shard_files)
+        elif state is not None:
+            self.teacher.load_state_dict(state)
+        else:
             raise RuntimeError("the checkpoint has no momentum teacher but objective.distill is on")
-        self.teacher.load_state_dict(state)
 
     def saved_configs(self) -> dict[str, dict[str, Any]]:
         return {"model_config.yaml": to_dict(self.resolved.model)}

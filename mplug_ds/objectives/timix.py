@@ -40,6 +40,7 @@ from mplug_ds.objectives.timix_mixing import (
     source_share,
     standardize,
 )
+from mplug_ds.runtime import collectives
 
 StepOrder = Literal["fused", "reference_three_steps"]
 PHASES = ("fused", "pta", "main", "mix")
@@ -103,7 +104,8 @@ def alignment_loss(log_probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch
                               (pred == truth).sum(), torch.tensor(truth.numel(), device=truth.device),
                               truth.sum()]).double()
         if get_world_size() > 1:
-            dist.all_reduce(counts)
+            with collectives.part("timix"):
+                dist.all_reduce(counts)
         tp, fp, fn, correct, total, positives = counts
         metrics = {"pta_accuracy": correct / total, "pta_precision": tp / (tp + fp).clamp_min(1),
                    "pta_recall": tp / (tp + fn).clamp_min(1), "pta_positive_rate": positives / total}
@@ -195,7 +197,10 @@ class TimixPretrainModel(PretrainModel):
         probs = self.relevance(tapped, text)
         mix = {"images": images, "probs": probs, "plan": plan if plan is not None else self.draw_plan(probs)}
         if self.timix.label_mode.endswith("_pred"):
-            sim = all_gather(m.image_feature(image)) @ all_gather(m.text_feature(text)).t() / m.temperature()
+            image_feat, text_feat = m.image_feature(image), m.text_feature(text)
+            with collectives.part("timix"):
+                image_all, text_all = all_gather(image_feat), all_gather(text_feat)
+            sim = image_all @ text_all.t() / m.temperature()
             mix["base_i2t"], mix["base_t2i"] = F.softmax(sim, dim=1), F.softmax(sim.t(), dim=1)
         return mix
 
@@ -205,8 +210,9 @@ class TimixPretrainModel(PretrainModel):
         plan: MixPlan = mix["plan"]
         share = source_share(plan, self.timix.label_mode, mix["probs"])
         partners = plan.partners + plan.partners.shape[0] * get_rank()
-        y_i2t, y_t2i = mixed_targets(all_gather(share), all_gather(partners), mix.get("base_i2t"),
-                                     mix.get("base_t2i"))
+        with collectives.part("timix"):
+            all_share, all_partners = all_gather(share), all_gather(partners)
+        y_i2t, y_t2i = mixed_targets(all_share, all_partners, mix.get("base_i2t"), mix.get("base_t2i"))
         return share, y_i2t, y_t2i
 
     def mixed_images_features(self, images: torch.Tensor, plan: MixPlan) -> torch.Tensor:
@@ -222,8 +228,10 @@ class TimixPretrainModel(PretrainModel):
         """Contrastive loss of the mixed images against the (global) original texts under soft targets."""
         plan: MixPlan = mix["plan"]
         share, y_i2t, y_t2i = self.targets(mix)
-        mixed = all_gather_with_grad(self.mixed_images_features(mix["images"], plan))
-        sim = mixed @ all_gather_with_grad(text_feat).t() / self.model.temperature()
+        mixed_feat = self.mixed_images_features(mix["images"], plan)
+        with collectives.part("timix"):
+            mixed, texts = all_gather_with_grad(mixed_feat), all_gather_with_grad(text_feat)
+        sim = mixed @ texts.t() / self.model.temperature()
         loss = (soft_cross_entropy(sim, y_i2t) + soft_cross_entropy(sim.t(), y_t2i)) / 2
         stats = {"mix_lambda_mean": share.mean(), "mix_lambda_min": share.min(), "mix_lambda_max": share.max(),
                  "mix_side_mean": plan.sides.float().mean()}

@@ -39,9 +39,10 @@ import torch
 import torch.distributed as dist
 
 # The public collectives of torch.distributed (and the private ones DeepSpeed falls back to).
-KINDS = ("all_reduce", "all_reduce_coalesced", "all_gather", "all_gather_into_tensor", "_all_gather_base",
-         "all_gather_coalesced", "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base", "broadcast",
-         "reduce", "all_to_all", "all_to_all_single", "gather", "scatter", "barrier", "monitored_barrier",
+KINDS = ("all_reduce", "all_reduce_coalesced", "all_gather", "all_gather_into_tensor", "all_gather_single",
+         "_all_gather_base", "all_gather_coalesced", "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single",
+         "_reduce_scatter_base", "broadcast", "reduce", "all_to_all", "all_to_all_single", "gather",
+         "gather_into_tensor", "gather_single", "scatter", "barrier", "monitored_barrier",
          "all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list", "send", "recv",
          "isend", "irecv", "batch_isend_irecv")
 RECENT = 256  # collectives kept for the watchdog's report

@@ -76,15 +76,16 @@ def check_checkpoint(tag_dir: Path) -> None:
         check_file(path)
 
 
-def load(path: Path, trusted: bool = False) -> Any:
-    """``torch.load`` to CPU with the restricted unpickler (full unpickling only when ``trusted``)."""
+def load(path: Path, trusted: bool = False, mmap: bool = False) -> Any:
+    """``torch.load`` to CPU with the restricted unpickler (full unpickling only when ``trusted``); ``mmap`` maps the
+    tensors' storage from the file instead of reading it (pages are read when touched)."""
     if trusted:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     named = _named_globals(path)
     check_file(path, named)
     try:
         with torch.serialization.safe_globals(deepspeed_globals() if named else []):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         raise UntrustedCheckpointError(f"{path}: refusing to load ({_reason(err)}); {TRUST_HINT}") from None
 

@@ -22,7 +22,6 @@ from mplug_ds.engine.validate import ResolvedEngine
 from mplug_ds.models.config import ModelConfig
 from mplug_ds.models.mplug import build_model
 from mplug_ds.runtime.launch_env import WorldInfo
-from mplug_ds.runtime.master_weights import master_weight_source
 from mplug_ds.tasks.base import EvalResult, FinetuneTask
 from mplug_ds.tasks.evaluation import run_evaluation
 from mplug_ds.tasks.finetune_config import FinetuneConfig
@@ -96,17 +95,20 @@ class TaskRecipe(Recipe):
         ramp = self.cfg.schedule.alpha_warmup_steps
         return {"alpha": alpha if ramp == 0 else alpha * min(1.0, step / ramp)}
 
+    def param_group_key(self, param: Any) -> str:
+        return self.teacher.group_key(param) if self.teacher is not None else ""
+
     def engine_ready(self, engine: Any) -> None:
         self.engine = engine
         if self.teacher is not None:
-            self.teacher.to(engine.device)
+            self.teacher.attach(engine)
         queue = getattr(self.module, "queue", None)
         if queue is not None:
             queue.to(engine.device)
 
     def after_optimizer_step(self) -> None:
         if self.teacher is not None:
-            self.teacher.update(master_weight_source())
+            self.teacher.update()
 
     def evaluate(self, engine: Any) -> dict[str, float]:
         """Evaluate every sample of the evaluation shards once; rank 0 writes ``eval/step_XXXXXXXX.json``."""
@@ -124,18 +126,25 @@ class TaskRecipe(Recipe):
 
     def extra_state(self) -> dict[str, Any] | None:
         state: dict[str, Any] = {}
-        if self.teacher is not None:
-            state |= {f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
+        teacher = self.teacher.state_dict() if self.teacher is not None else None  # None when partitioned
+        if teacher is not None:
+            state |= {f"teacher.{k}": v for k, v in teacher.items()}
         if hasattr(self.module, "extra_state"):
             state |= {f"module.{k}": v for k, v in flatten(self.module.extra_state()).items()}
         return state or None
 
-    def load_extra_state(self, state: dict[str, Any] | None) -> None:
+    def sharded_state(self) -> dict[str, Any] | None:
+        return self.teacher.shard_state() if self.teacher is not None else None
+
+    def load_extra_state(self, state: dict[str, Any] | None, shard_files: list[Path]) -> None:
         if self.teacher is None and not hasattr(self.module, "extra_state"):
             return
-        if state is None:
+        if state is None and not shard_files:
             raise RuntimeError("the checkpoint holds no momentum teacher / queue although this task keeps them")
-        if self.teacher is not None:
+        state = state or {}
+        if self.teacher is not None and shard_files:
+            self.teacher.load_shards(shard_files)
+        elif self.teacher is not None:
             self.teacher.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("teacher.")})
         if hasattr(self.module, "load_extra_state"):
             self.module.load_extra_state(unflatten({k[7:]: v for k, v in state.items() if k.startswith("module.")}))

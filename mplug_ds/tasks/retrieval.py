@@ -34,6 +34,7 @@ from mplug_ds.eval.retrieval import chance_recalls, first_hit_ranks, rank_summar
 from mplug_ds.models.momentum import MomentumTeacher
 from mplug_ds.models.mplug import MPLUG
 from mplug_ds.objectives.pretrain import soft_cross_entropy
+from mplug_ds.runtime import collectives
 from mplug_ds.tasks.base import FUSED, EvalResult, EvalSamples, FinetuneTask
 from mplug_ds.tasks.visual import picture, visual_input
 
@@ -146,7 +147,8 @@ class RetrievalModel(nn.Module):
             with self._teacher_context():
                 image_m = t.encode_visual(pixels).feature
                 text_m = t.text_feature(t.encode_text(ids, mask))
-            image_all, text_all, idx_all = all_gather(image_m), all_gather(text_m), all_gather(idx)
+            with collectives.part("ita"):
+                image_all, text_all, idx_all = all_gather(image_m), all_gather(text_m), all_gather(idx)
             image_bank = torch.cat([image_all, self.queue.image.to(image_all.device)])
             text_bank = torch.cat([text_all, self.queue.text.to(text_all.device)])
             targets = contrastive_targets(idx, torch.cat([idx_all, self.queue.idx.to(idx.device)]))

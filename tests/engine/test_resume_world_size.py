@@ -10,8 +10,8 @@ import torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
 from mplug_ds.config import ConfigError
-from mplug_ds.engine.checkpoint import TEACHER_FILE, UNIVERSAL, rank_state_file, tag_for
-from mplug_ds.engine.export import consolidate
+from mplug_ds.engine.checkpoint import TEACHER_FILE, UNIVERSAL, rank_state_file, shard_files, tag_for
+from mplug_ds.engine.export import consolidate, read_teacher
 from mplug_ds.engine.schedule import WarmupCosine
 from mplug_ds.objectives.pretrain_config import load_train_config, validate
 from mplug_ds.engine.trainer import Trainer
@@ -70,9 +70,10 @@ def test_one_rank_loads_weights_optimizer_teacher_rng_and_position_of_two(world,
         checked += bool(exp_avg_sq.abs().sum() > 0)  # fresh Adam state would be all zeros
     assert checked > 0.9 * len(reference)
 
-    teacher = torch.load(tag_dir / TEACHER_FILE, weights_only=True)
-    restored = trainer.recipe.teacher.state_dict()
-    assert all(torch.equal(restored[k], teacher[k]) for k in teacher)
+    assert len(shard_files(tag_dir)) == 2 and not (tag_dir / TEACHER_FILE).exists()  # partitioned on 2 ranks
+    teacher = read_teacher(tag_dir)
+    restored = trainer.recipe.teacher.state_dict()  # replicated on one rank
+    assert set(restored) == set(teacher) and all(torch.equal(restored[k], teacher[k]) for k in teacher)
     assert trainer.stream.next_index == K  # rank 0's own stream continues where it stopped
 
     trainer.optimizer_step(data, StopRequest())
@@ -98,7 +99,7 @@ def test_two_ranks_resume_on_one_then_one_on_two(two_ranks, tmp_path):
         assert steps[step]["lr"] == pytest.approx(_expected_lr(zero, 2 * K, step), rel=1e-9)
     marker = json.loads((run_dir / "checkpoints" / tag_for(2 * K) / "complete.json").read_text())
     assert (marker["world_size"], marker["zero_stage"], marker["global_batch"]) == (1, int(zero[-1]), GLOBAL_BATCH)
-    teachers = [torch.load(run_dir / "checkpoints" / tag_for(s) / TEACHER_FILE, weights_only=True) for s in (K, 2 * K)]
+    teachers = [read_teacher(run_dir / "checkpoints" / tag_for(s)) for s in (K, 2 * K)]
     assert any(not torch.equal(teachers[0][k], teachers[1][k]) for k in teachers[0])  # the EMA went on
 
     if zero != "zero2":
@@ -111,6 +112,13 @@ def test_two_ranks_resume_on_one_then_one_on_two(two_ranks, tmp_path):
     for step in range(2 * K + 1, 3 * K + 1):
         assert steps[step]["lr"] == pytest.approx(_expected_lr(zero, 3 * K, step), rel=1e-9)
         assert steps[step]["loss"] == steps[step]["loss"] and steps[step]["loss"] < 30
+    # The one-rank teacher was split exactly: one step later it is its EMA with the master weights of that step.
+    after = run_dir / "checkpoints" / tag_for(2 * K + 1)
+    assert len(shard_files(after)) == 2
+    online = consolidate(after, load_model_config(run_dir / "model_config.yaml"))
+    momentum = load_train_config("synthetic_tiny", []).objective.momentum
+    teacher = read_teacher(after)
+    assert max((teacher[k] - v.lerp(online[k], 1 - momentum)).abs().max().item() for k, v in teachers[1].items()) < 1e-6
 
 
 def test_a_global_batch_that_cannot_divide_over_the_new_ranks_fails_before_training(two_ranks, tmp_path):

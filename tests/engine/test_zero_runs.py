@@ -1,17 +1,22 @@
 """Real 2-rank DeepSpeed runs (gloo on CPU) of launch/pretrain.py under the ``deepspeed`` launcher.
 
-One uninterrupted ZeRO-3 run serves several checks: exact resume, momentum EMA against a single-process
-reference, checkpointing correctness against ZeRO-2, and export. Runs are tiny (tiny model, 6 steps).
+One uninterrupted ZeRO-3 run serves several checks: exact resume, the partitioned momentum teacher against the
+replicated EMA of the master weights (also under ZeRO-1 and ZeRO-2) with no collective in its update, checkpointing
+correctness against ZeRO-2, and export. Runs are tiny (tiny model, 6 steps).
 """
 import os
 import signal
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from mplug_ds.engine.checkpoint import COMPLETE, TEACHER_FILE, complete_checkpoints, tag_for
-from mplug_ds.engine.export import consolidate, export_checkpoint, load_exported
+from mplug_ds.engine.checkpoint import COMPLETE, TEACHER_FILE, complete_checkpoints, shard_files, tag_for
+from mplug_ds.engine.export import consolidate, export_checkpoint, load_exported, read_teacher
 from mplug_ds.models.config import load_model_config
+from mplug_ds.models.mplug import MPLUG
+from mplug_ds.objectives.plan import GIB, plan_step
+from mplug_ds.objectives.pretrain_config import load_train_config
 from tests.engine.engine_runs import deepspeed_command, records, run, step_losses
 from tests.processes import run as run_command
 from tests.processes import started, timeout, wait_for
@@ -42,7 +47,7 @@ def zero2_run(tmp_path_factory):
 
 
 def _teacher(out, step):
-    return torch.load(out / "checkpoints" / tag_for(step) / TEACHER_FILE, weights_only=True)
+    return read_teacher(out / "checkpoints" / tag_for(step))
 
 
 def test_zero3_run_logs_every_step_and_keeps_complete_checkpoints(zero3_run):
@@ -80,22 +85,53 @@ def test_sigkilled_zero3_run_resumes_with_identical_losses_and_momentum(zero3_ru
     assert all(torch.equal(resumed_teacher[k], reference_teacher[k]) for k in reference_teacher)
 
 
-def test_momentum_teacher_is_the_fp32_ema_of_the_master_weights(zero3_run):
-    model_cfg = load_model_config(zero3_run / "model_config.yaml")
-    ckpts = zero3_run / "checkpoints"
-    reference = _teacher(zero3_run, 1)
+def assert_partitioned_teacher_is_the_replicated_ema(out, steps, momentum, bf16=True):
+    """The teacher saved after ``steps`` (partitioned: every rank's shards put together) equals the replicated
+    teacher of the old implementation, recomputed from the fp32 master weights saved after every step, and its
+    update issued no collective (the step records' communication accounting)."""
+    model_cfg = load_model_config(out / "model_config.yaml")
+    ckpts = out / "checkpoints"
+    assert len(shard_files(ckpts / tag_for(steps))) == 2 and not (ckpts / tag_for(steps) / TEACHER_FILE).exists()
+    reference = _teacher(out, 1)
     rounded = {k: v.clone() for k, v in reference.items()}
-    for step in range(2, STEPS + 1):
+    for step in range(2, steps + 1):
         online = consolidate(ckpts / tag_for(step), model_cfg)  # fp32 master weights after `step`
         for name in reference:
-            reference[name] = reference[name].lerp(online[name], 1 - MOMENTUM)
-            rounded[name] = rounded[name].lerp(online[name].bfloat16().float(), 1 - MOMENTUM)
-    teacher = _teacher(zero3_run, STEPS)
+            reference[name] = reference[name].lerp(online[name], 1 - momentum)
+            rounded[name] = rounded[name].lerp(online[name].bfloat16().float(), 1 - momentum)
+    teacher = _teacher(out, steps)
+    assert set(teacher) == set(MPLUG(model_cfg, teacher=True).state_dict())
     assert all(v.dtype == torch.float32 for v in teacher.values())
     worst = max((teacher[k] - reference[k]).abs().max().item() for k in reference)
     assert worst <= 1e-6
-    # The check can tell: an EMA of the bf16 compute weights lands measurably elsewhere.
-    assert max((teacher[k] - rounded[k]).abs().max().item() for k in reference) > 1e-5
+    if bf16:  # the check can tell: an EMA of the bf16 compute weights lands measurably elsewhere
+        assert max((teacher[k] - rounded[k]).abs().max().item() for k in reference) > 1e-5
+    comm = [step_losses(out)[s]["comm"] for s in range(1, steps + 1)]
+    assert all("teacher_update" not in c for c in comm), [c.get("teacher_update") for c in comm]
+    assert all("zero" in c and "agreement" in c for c in comm)  # the accounting sees the step's collectives
+
+
+def _teacher_numel(out):
+    cfg = load_model_config(out / "model_config.yaml")
+    return sum(v.numel() for v in MPLUG(cfg, teacher=True).state_dict().values())
+
+
+def test_zero3_teacher_is_partitioned_and_gathered_module_by_module(zero3_run):
+    assert_partitioned_teacher_is_the_replicated_ema(zero3_run, STEPS, MOMENTUM)
+    numel = _teacher_numel(zero3_run)
+    for step in range(3, STEPS + 1):  # the teacher runs once the distillation weight is above 0
+        gathers = step_losses(zero3_run)[step]["comm"]["teacher_forward"]
+        # tiny: each top-level module is one gather; the text encoder runs twice (captions, masked captions)
+        assert list(gathers) == ["all_gather_single"] and gathers["all_gather_single"]["calls"] == 7, gathers
+        assert numel < gathers["all_gather_single"]["bytes"] / 2 < 2 * numel  # bf16
+
+
+def test_zero2_teacher_is_partitioned_and_gathered_once_per_step(zero2_run):
+    assert_partitioned_teacher_is_the_replicated_ema(zero2_run, 4, MOMENTUM)
+    numel = _teacher_numel(zero2_run)
+    for step in range(3, STEPS + 1):
+        gathers = step_losses(zero2_run)[step]["comm"]["teacher_forward"]["all_gather_single"]
+        assert gathers["calls"] == 4 and numel <= gathers["bytes"] / 2 < 1.01 * numel, gathers  # 4 groups, bf16
 
 
 def test_zero3_with_activation_checkpointing_trains_like_zero2(zero3_run, zero2_run):
@@ -115,6 +151,15 @@ def test_zero3_with_activation_checkpointing_trains_like_zero2(zero3_run, zero2_
         assert moved > 0.1 and gap < 0.1 * moved, f"{stack}: ZeRO-3 vs ZeRO-2 gap {gap:.4f}, update {moved:.4f}"
 
 
+def test_planner_predicts_the_runs_peak_memory(zero3_run, zero2_run):
+    """tools/plan.py's CPU prediction (resident memory per rank) is within ±15% of the peak the runs logged: ZeRO-3
+    with activation checkpointing and ZeRO-2 without, on 2 ranks."""
+    for out in (zero3_run, zero2_run):
+        plan = plan_step(load_train_config(out / "config.yaml"), load_model_config(out / "model_config.yaml"), 2, "cpu")
+        measured = max(rec["peak_mem_gb"] for rec in step_losses(out).values())
+        assert abs(plan.peak / GIB - measured) <= 0.15 * measured, (out.name, plan.peak / GIB, measured, plan.memory)
+
+
 @pytest.mark.parametrize("which", ["zero3_run", "zero2_run"])
 def test_export_loads_into_a_plain_model(which, request, tmp_path):
     out = request.getfixturevalue(which)
@@ -126,17 +171,24 @@ def test_export_loads_into_a_plain_model(which, request, tmp_path):
 
 
 def test_zero1_on_demo_shards(tmp_path, demo_cache):
-    """ZeRO-1 on 2 ranks over real demo shards (prepared once by local rank 0), then exported."""
+    """ZeRO-1 on 2 ranks over real demo shards (prepared once by local rank 0) with the partitioned momentum teacher,
+    then exported with it."""
     run(deepspeed_command(tmp_path / "run", [
         "--config", "demo", "deepspeed.config=zero1", f"data.cache_dir={demo_cache}",
-        "batch.micro_batch_per_gpu=4", "schedule.total_steps=2", "schedule.warmup_steps=1", "eval.max_samples=8", "logging.progress_bar=false"]))
+        "objective.distill=true", f"objective.momentum={MOMENTUM}", "checkpoint.every_steps=1",
+        "checkpoint.keep_last=3", "batch.micro_batch_per_gpu=4", "schedule.total_steps=3", "schedule.warmup_steps=1",
+        "eval.max_samples=8", "logging.progress_bar=false"]))
     out = tmp_path / "run"
     steps = step_losses(out)
-    assert sorted(steps) == [1, 2] and steps[2]["samples"] == 2 * 4 * 2
-    assert complete_checkpoints(out / "checkpoints")[-1][0] == 2
+    assert sorted(steps) == [1, 2, 3] and steps[3]["samples"] == 3 * 4 * 2
+    assert complete_checkpoints(out / "checkpoints")[-1][0] == 3
     summary = [r for r in records(out) if r["event"] == "summary"][-1]
     assert summary["retrieval"]["num_images"] == 8
-    load_exported(export_checkpoint(out, tmp_path / "export"))
+    assert_partitioned_teacher_is_the_replicated_ema(out, 3, MOMENTUM, bf16=False)
+    exported = export_checkpoint(out, tmp_path / "export", include_momentum=True)
+    load_exported(exported)
+    momentum = load_file(str(exported / "momentum.safetensors"))
+    assert all(torch.equal(momentum[k], v) for k, v in _teacher(out, 3).items())
 
 
 def test_batch_that_does_not_divide_over_the_ranks_fails_before_training(tmp_path):
