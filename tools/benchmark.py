@@ -44,6 +44,7 @@ from mplug_ds.objectives.plan import GIB, plan_step, step_communication
 from mplug_ds.objectives.pretrain_config import load_train_config, validate
 from mplug_ds.runtime.collectives import traffic_bytes
 from mplug_ds.runtime.guards import StopRequest
+from mplug_ds.runtime import watchdog
 from mplug_ds.runtime.launch_env import prepare_world_env
 
 
@@ -131,7 +132,13 @@ def measure(args: argparse.Namespace, attn: str, world, out_dir: str, timix: boo
         if engine.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(engine.device)
         elapsed = timed(False)
-        pairs = [(timed(False), timed(True)) for _ in range(watchdog_pairs)]
+        pairs = []  # (off, on); every other pair runs on first, so a drift of the machine does not favour either
+        for i in range(watchdog_pairs):
+            pairs.append((timed(False), timed(True)) if i % 2 == 0 else tuple(reversed((timed(True), timed(False)))))
+        if watchdog_pairs:
+            with trainer.watching() as dog:
+                work = watchdog_work_s(dog, cfg.batch.grad_accum_steps, statistics.median(off for off, _ in pairs)
+                                       / args.steps)
         zero_stage, peak_memory = engine.zero_optimization_stage(), peak_memory_gb(engine.device)
         checked = trainer.divergence is not None
     finally:
@@ -164,11 +171,28 @@ def measure(args: argparse.Namespace, attn: str, world, out_dir: str, timix: boo
     if pairs:
         result["watchdog_off_step_time_s"] = statistics.median(off for off, _ in pairs) / args.steps
         result["watchdog_on_step_time_s"] = statistics.median(on for _, on in pairs) / args.steps
+        result["watchdog_pair_ratios"] = [on / off for off, on in pairs]
+        result["watchdog_work_s"] = work
     if world.rank == 0 and world.world_size > 1:  # the first timed block (the watchdog's blocks follow it)
         result["comm"] = measured_communication(f"{out_dir}/metrics.jsonl", args.warmup + 1, args.steps,
                                                 world.world_size)
         result["comm_minimum"] = step_communication(cfg, resolved.model, world.world_size)
     return result
+
+
+def watchdog_work_s(dog: watchdog.HangWatchdog, micro_batches: int, step_s: float, calls: int = 20000) -> float:
+    """Seconds of the watchdog's own work per step, each part timed over ``calls`` calls: the step's ``phase``, a
+    ``beat`` per micro-batch, and its thread's checks (deadline, trigger file) once per poll interval."""
+    def per_call(fn) -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - start) / calls
+
+    trigger = dog.hang_dir / watchdog.TRIGGER
+    beat = per_call(lambda: watchdog.beat(micro_batch="1/1"))
+    return (per_call(lambda: watchdog.phase("train", 1)) + micro_batches * beat
+            + per_call(lambda: (dog.deadline(), trigger.exists())) * step_s / dog.poll_s)
 
 
 def measured_communication(metrics: str, first: int, steps: int, world_size: int) -> dict[str, dict[str, float]]:
@@ -266,7 +290,11 @@ def main() -> None:
         r = results[0]
         on, off = r["watchdog_on_step_time_s"], r["watchdog_off_step_time_s"]
         print(f"hang watchdog on vs off ({args.repeats} interleaved pairs of {args.steps} steps, same engine): "
-              f"{on / off:.3f}x step time ({1000 * on:.1f} vs {1000 * off:.1f} ms, medians)", flush=True)
+              f"{on / off:.3f}x step time ({1000 * on:.1f} vs {1000 * off:.1f} ms, medians); on / off per pair: "
+              f"{', '.join(f'{x:.3f}' for x in r['watchdog_pair_ratios'])} (median "
+              f"{statistics.median(r['watchdog_pair_ratios']):.3f}); its own work, timed call by call: "
+              f"{1e6 * r['watchdog_work_s']:.1f} us per step = {100 * r['watchdog_work_s'] / off:.4f}% of the step",
+              flush=True)
     plain = results[1] if args.timix else results[0]
     if args.check_collectives:
         checked = results[-1]
