@@ -181,7 +181,8 @@ def loader(ctx: Context, rec: StepRecord) -> None:
     shards_dir = ctx.scratch / "loader"
     shards_dir.mkdir(parents=True, exist_ok=True)
     shards = benchmark_data.write_synthetic_shards(shards_dir, n_shards=max(2, workers), per_shard=m.loader_per_shard)
-    total, per_worker = benchmark_data.benchmark(shards, workers, m.loader_batches, m.loader_batch_size, m.loader_res)
+    total, per_worker, _ = benchmark_data.benchmark(shards, workers, m.loader_batches, m.loader_batch_size,
+                                                    m.loader_res)  # images: one frame per sample
     rec.figures.update(workers=workers, images_per_s=total, images_per_s_per_worker=per_worker, res=m.loader_res)
     base = base_sdpa_run(ctx, ctx.earlier.get("throughput.base", {}).get("micro_batch", -1))
     if base is None or not ctx.on_cuda:
