@@ -14,7 +14,7 @@ from mplug_ds.runtime.launch_env import free_port
 from tests.engine.engine_runs import DEEPSPEED, PRETRAIN, records
 from tests.processes import run
 
-SHORT_STEPS = 150
+SHORT_STEPS = 100  # R@5 0.36 / 0.51 here (thresholds 0.25): far above chance, with margin
 
 
 @pytest.mark.slow
