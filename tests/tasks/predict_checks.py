@@ -35,5 +35,7 @@ def assert_predictor_matches(task: str, checkpoint: Path, results_file: Path, sh
         inputs = [tuple(s.images) for s in samples] if task == "nlvr2" else images
         labels = predictor.classify(inputs, texts)
         assert [p["label"] for p in labels] == [r["answer"] for r in results]
-        for p, r in zip(labels, results, strict=True):  # bit-equal only with the same threads: a tolerance
-            assert list(p["probs"].values()) == pytest.approx(r["probs"], abs=1e-6)
+        # Bit-equal only with the same thread count (this process runs after tests that change it): a tolerance.
+        gap = max(abs(a - b) for p, r in zip(labels, results, strict=True)
+                  for a, b in zip(p["probs"].values(), r["probs"], strict=True))
+        assert gap <= 1e-4, f"{task}: class probabilities differ from the evaluation's by up to {gap:.2e}"
