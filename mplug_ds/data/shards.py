@@ -165,21 +165,24 @@ def _check_questions(sample: Sample, texts: list[str], source: str, skips: list[
             sample.extra[name] = [sample.extra[name][i] for i in keep]
 
 
+def _read_media(ref: Any, kind: str) -> tuple[bytes, str]:
+    """(bytes, name for messages) of a sample's image or video, given as a file path or as bytes; or ``_Rejected``."""
+    if isinstance(ref, bytes):
+        return ref, f"{kind} bytes"
+    if not isinstance(ref, str):
+        raise _Rejected(f"sample has no {kind}")
+    try:
+        return Path(ref).read_bytes(), ref
+    except FileNotFoundError:
+        raise _Rejected(f"missing {kind} file {ref}") from None
+    except OSError as err:
+        raise _Rejected(f"unreadable {kind} file {ref}: {err}") from None
+
+
 def _load_video(ref: Any, resize: int | None) -> tuple[bytes, dict[str, Any]]:
     """(the bytes to store, ``extra["video"]``: container extension and what decoding found) or ``_Rejected``."""
-    name = ref if isinstance(ref, str) else "video bytes"
-    if isinstance(ref, str):
-        try:
-            data = Path(ref).read_bytes()
-        except FileNotFoundError:
-            raise _Rejected(f"missing video file {ref}") from None
-        except OSError as err:
-            raise _Rejected(f"unreadable video file {ref}: {err}") from None
-        ext = Path(ref).suffix.lower().lstrip(".")
-    elif isinstance(ref, bytes):
-        data, ext = ref, ""
-    else:
-        raise _Rejected("sample has no video")
+    data, name = _read_media(ref, "video")
+    ext = Path(ref).suffix.lower().lstrip(".") if isinstance(ref, str) else ""
     try:
         info = PyAVDecoder().probe(data)
         if (resize and max(info.width, info.height) > resize) or ext not in VIDEO_EXTS:
@@ -197,18 +200,7 @@ def _info(info: VideoInfo) -> dict[str, Any]:
 
 def _load_image(ref: Any) -> tuple[bytes, tuple[int, int], bool, Image.Image]:
     """(original bytes, (width, height), is_jpeg, decoded image) or ``_Rejected``."""
-    if isinstance(ref, bytes):
-        data, name = ref, "image bytes"
-    elif isinstance(ref, str):
-        name = ref
-        try:
-            data = Path(ref).read_bytes()
-        except FileNotFoundError:
-            raise _Rejected(f"missing image file {ref}") from None
-        except OSError as err:
-            raise _Rejected(f"unreadable image file {ref}: {err}") from None
-    else:
-        raise _Rejected("sample has no image")
+    data, name = _read_media(ref, "image")
     try:
         image = Image.open(io.BytesIO(data))
         image.load()

@@ -36,7 +36,7 @@ def draw_panels(panels: Sequence[Panel], out: Path, title: str) -> Path:
 
     shown = [_side_by_side(panel.images) for panel in panels]
     aspect = max(im.width / im.height for im in shown)  # a pair is twice as wide as it is tall
-    columns = max(1, round(COLUMNS / aspect))
+    columns = max(1, min(round(COLUMNS / aspect), len(panels)))  # one image: one panel, not a row of blanks
     rows = max(1, -(-len(panels) // columns))
     texts = ["\n".join(textwrap.fill(line, round(44 * aspect)) for line in panel.lines) for panel in panels]
     text_height = 0.16 * max(text.count("\n") + 1 for text in texts)  # inches: the tallest title

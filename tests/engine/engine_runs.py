@@ -3,6 +3,7 @@ tests."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -61,6 +62,21 @@ def step_losses(out_dir: Path, after_resume: bool = False) -> dict[int, dict]:
         last = max(i for i, r in enumerate(rows) if r["event"] == "resume")
         rows = rows[last:]
     return {r["step"]: r for r in rows if r["event"] == "step"}
+
+
+TIMIX_KEYS = ("loss_pta", "pta_accuracy", "pta_precision", "pta_recall", "loss_mix", "gamma", "mix_lambda_mean",
+              "mix_lambda_min", "mix_lambda_max", "mix_side_mean")
+
+
+def assert_timix_trained(rows: dict[int, dict], out_dir: Path) -> None:
+    """A 3-step demo_timix run (gamma ramp of 2 steps) logged finite TiMix losses, mixed from step 3 on, and saved
+    its patch predictor's layer in the model config."""
+    for row in rows.values():
+        assert all(math.isfinite(row[k]) for k in ("loss", *TIMIX_KEYS)), row
+        assert 0 <= row["pta_recall"] <= 1 and 0 < row["pta_positive_rate"] < 1
+    assert rows[1]["gamma"] == 0 and rows[1]["loss_mix"] == 0
+    assert rows[3]["gamma"] == 1 and rows[3]["loss_mix"] > 0 and rows[3]["mix_side_mean"] >= 2
+    assert (out_dir / "model_config.yaml").read_text().count("patch_predictor_layer: 1")
 
 
 FAULTS = Path(__file__).resolve().parent / "faults"

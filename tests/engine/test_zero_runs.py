@@ -17,7 +17,7 @@ from mplug_ds.models.config import load_model_config
 from mplug_ds.models.mplug import MPLUG
 from mplug_ds.objectives.plan import GIB, plan_step
 from mplug_ds.objectives.pretrain_config import load_train_config
-from tests.engine.engine_runs import deepspeed_command, records, run, step_losses
+from tests.engine.engine_runs import assert_timix_trained, deepspeed_command, records, run, step_losses
 from tests.processes import run as run_command
 from tests.processes import started, timeout, wait_for
 
@@ -171,17 +171,20 @@ def test_export_loads_into_a_plain_model(which, request, tmp_path):
     assert torch.equal(model.temp, online["temp"])
 
 
-def test_zero1_on_demo_shards(tmp_path, demo_cache):
-    """ZeRO-1 on 2 ranks over real demo shards (prepared once by local rank 0) with the partitioned momentum teacher,
-    then exported with it."""
+def test_zero1_timix_on_demo_shards(tmp_path, demo_cache):
+    """ZeRO-1 on 2 ranks over real demo caption and region shards (prepared once by local rank 0): TiMix trains
+    (its ZeRO-3 run is in test_timix_runs; ZeRO-1 and ZeRO-2 share DeepSpeed's optimizer), the partitioned momentum
+    teacher follows the master weights, and the run exports with it."""
     run(deepspeed_command(tmp_path / "run", [
-        "--config", "demo", "deepspeed.config=zero1", f"data.cache_dir={demo_cache}",
+        "--config", "demo_timix", "deepspeed.config=zero1", f"data.cache_dir={demo_cache}",
         "objective.distill=true", f"objective.momentum={MOMENTUM}", "checkpoint.every_steps=1",
         "checkpoint.keep_last=3", "batch.micro_batch_per_gpu=4", "schedule.total_steps=3", "schedule.warmup_steps=1",
-        "eval.max_samples=8", "logging.progress_bar=false"]))
+        "schedule.alpha_warmup_steps=2", "timix.gamma_ramp_steps=2", "eval.max_samples=8",
+        "logging.progress_bar=false"]), seconds=900)
     out = tmp_path / "run"
     steps = step_losses(out)
     assert sorted(steps) == [1, 2, 3] and steps[3]["samples"] == 3 * 4 * 2
+    assert_timix_trained(steps, out)
     assert complete_checkpoints(out / "checkpoints")[-1][0] == 3
     summary = [r for r in records(out) if r["event"] == "summary"][-1]
     assert summary["retrieval"]["num_images"] == 8
